@@ -1,0 +1,298 @@
+"""`internvl`: the worker's command line, in the spirit of ms-swift's `swift infer / sft / export`.
+
+    internvl infer --model_type internvl3-1b --model_id_or_path /models/InternVL3-1B-hf   # interactive chat
+    internvl infer --ckpt_dir output/.../checkpoint-100 --query "Describe it" --images cat.png
+    internvl data check data.jsonl --model_type internvl3-1b --model_id_or_path /models/... --max_length 4096
+    internvl tiny --output_dir /tmp/tiny                                                    # a random test model
+    internvl models                                                                         # the known model types
+    internvl demo                                                                           # the README's first run
+
+Flags use ms-swift's spelling (`--model_type`, `--max_length`, `--use_flash_attn false`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .data import RowError
+from .images import ImageError
+from .modeling import ModelLoadError
+from .registry import MODELS, UnknownModelType
+from .templates import TemplateError
+
+# Errors that mean "bad input": one line naming the input, exit code 2, no traceback.
+USER_ERRORS = (ModelLoadError, UnknownModelType, ImageError, TemplateError, RowError, FileNotFoundError)
+
+
+def str2bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_model_args(p: argparse.ArgumentParser, *, ckpt: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model_type", help="a registered model type (`internvl models`); read from the checkpoint when omitted")
+    g.add_argument("--model_id_or_path", help="local model directory (transformers-native InternVL) or a hub id")
+    if ckpt:
+        g.add_argument("--ckpt_dir", help="a LoRA checkpoint (base model read from its sft_args.json) or a merged/full model directory")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
+    g.add_argument("--use_flash_attn", type=str2bool, default=None, metavar="BOOL", help="flash-attn 2 when installed; SDPA otherwise (default)")
+    g.add_argument("--max_length", type=positive_int, default=None, help="refuse prompts longer than this many tokens (images count 256 per tile)")
+    g.add_argument("--max_num", type=positive_int, default=None, help="max 448-px tiles per image (default: the model's, usually 12; env MAX_NUM)")
+
+
+def _load(args, **kw):
+    from .modeling import load_model
+
+    return load_model(
+        args.model_id_or_path,
+        model_type=args.model_type,
+        ckpt_dir=getattr(args, "ckpt_dir", None),
+        dtype=args.dtype,
+        use_flash_attn=args.use_flash_attn,
+        max_length=args.max_length,
+        max_tiles=args.max_num,
+        **kw,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- infer
+
+
+def _generation(args) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+    }
+
+
+def _answer(loaded, query, history, images, args, out) -> list:
+    """Stream one reply to `out`; returns the new history."""
+    from .infer import inference_stream
+
+    printed = 0
+    history_out = history
+    image_kwargs = {"timeout": args.image_timeout}
+    for response, history_out in inference_stream(
+        loaded.model, loaded.template, query, history, images=images, system=args.system, image_kwargs=image_kwargs, **_generation(args)
+    ):
+        out.write(response[printed:])
+        out.flush()
+        printed = len(response)
+    out.write("\n")
+    return history_out
+
+
+def chat_loop(loaded, args, stdin=None, out=None) -> None:
+    """The seed's interactive chat: `<<<` query, then `Input a media path or URL <<<`; `clear`, `exit`."""
+    out = out or sys.stdout
+    history: list = []
+    images: list = []
+    out.write("Chat with the model. `clear` forgets the conversation, `exit` quits. Several images: a, b\n")
+    while True:
+        try:
+            query = input("<<< ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        q = query.strip()
+        if q == "exit":
+            return
+        if q == "clear":
+            history, images = [], []
+            continue
+        if not q:
+            continue
+        try:
+            media = input("Input a media path or URL <<< ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        new_images = split_list(media) if media else []
+        try:
+            history = _answer(loaded, query, history, images + new_images, args, out)
+            images = images + new_images
+        except USER_ERRORS as e:
+            out.write(f"error: {e}\n")
+        out.write("-" * 50 + "\n")
+
+
+def cmd_infer(args) -> int:
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    loaded = _load(args)
+    if args.query is not None:
+        _answer(loaded, args.query, [], split_list(args.images) if args.images else [], args, sys.stdout)
+        return 0
+    chat_loop(loaded, args)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def cmd_data_check(args) -> int:
+    from .data import check_dataset
+
+    template = None
+    if args.model_id_or_path or args.model_type:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .modeling import build_template, check_model_dir, download_model
+        from .registry import read_meta, resolve_model_type
+
+        local = args.model_id_or_path and Path(args.model_id_or_path).exists()
+        spec = resolve_model_type(args.model_type or (read_meta(args.model_id_or_path).get("model_type") if local else None), args.model_id_or_path if local else None)
+        model_dir = Path(args.model_id_or_path) if local else download_model(args.model_id_or_path or spec.hub_id)
+        check_model_dir(model_dir)
+        template, _ = build_template(AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), spec, max_length=args.max_length, max_tiles=args.max_num)
+    report = check_dataset(args.files, template=template, image_kwargs={"timeout": args.image_timeout}, progress=sys.stderr.isatty())
+    for problem in report.problems:
+        print(problem)
+    summary = f"{report.rows} rows: {report.good} good, {len(report.problems)} bad"
+    if template is not None:
+        summary += f"; longest {report.max_tokens} tokens" + (f" (max_length {args.max_length})" if args.max_length else "")
+    else:
+        summary += " (token lengths not checked: give --model_type/--model_id_or_path)"
+    print(summary)
+    if args.report:
+        from .fsutil import write_json_atomic
+
+        write_json_atomic(args.report, report.to_json())
+    return 1 if report.problems else 0
+
+
+# ------------------------------------------------------------------------------------------ tiny, models
+
+
+def cmd_tiny(args) -> int:
+    from .tiny import build_tiny_model
+
+    path = build_tiny_model(args.output_dir, seed=args.seed or 0)
+    print(f"tiny InternVL written to {path} (model_type internvl-tiny)")
+    return 0
+
+
+def cmd_models(args) -> int:
+    for spec in MODELS.values():
+        flags = " native" if spec.native else ""
+        flags += f" {spec.quantization}" if spec.quantization else ""
+        print(f"{spec.model_type:28s} {spec.template:12s} tiles<={spec.max_tiles:<3d} {spec.hub_id or '(built locally by `internvl tiny`)'}{flags}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's first run: build the tiny model and an image, then answer one question about it."""
+    from PIL import Image, ImageDraw
+
+    from .tiny import build_tiny_model
+
+    home = Path(args.workdir or os.environ.get("INTERNVL_HOME", Path.home() / ".cache" / "internvl")).expanduser()
+    model_dir = home / "tiny-model"
+    if not (model_dir / "config.json").is_file():
+        print(f"building a tiny random InternVL in {model_dir} ...")
+        build_tiny_model(model_dir)
+    image_path = home / "demo.png"
+    img = Image.new("RGB", (96, 64), "white")
+    ImageDraw.Draw(img).rectangle((10, 10, 60, 50), fill="red")
+    img.save(image_path)
+    ns = build_parser().parse_args(["infer", "--model_id_or_path", str(model_dir), "--query", "What color is the square?", "--images", str(image_path), "--max_new_tokens", "24"])
+    print(f"<<< What color is the square?\nInput a media path or URL <<< {image_path}")
+    cmd_infer(ns)
+    print("(a random tiny model answers noise; `internvl infer --model_type internvl3-1b --model_id_or_path DIR` chats with a real one)")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="internvl", description="Fine-tune, merge, chat with and serve InternVL vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("infer", help="chat with a model (interactive, or one-shot with --query)", description="Interactive chat as `swift infer`: type a query at `<<<`, then an image path/URL (or nothing) at `Input a media path or URL <<<`. `clear` forgets the conversation, `exit` quits.")
+    add_model_args(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--max_new_tokens", type=positive_int, default=512)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top_p", type=float, default=None)
+    g.add_argument("--top_k", type=int, default=None)
+    g.add_argument("--repetition_penalty", type=float, default=None)
+    g.add_argument("--system", default=None, help="system prompt (default: the model's)")
+    g.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("one-shot mode")
+    g.add_argument("--query", help="answer this query and exit (no interactive chat)")
+    g.add_argument("--images", help="comma-separated image paths or URLs for --query")
+    p.add_argument("--image_timeout", type=float, default=10.0, help="seconds to wait for an image URL")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    c = dsub.add_parser("check", help="report every bad row with its line number; exit 1 if any", description="Check dataset files (.jsonl or .json) row by row: JSON, fields, images exist and decode, <image> tags match images, and (with a model) the token length after tiling. Every bad row is reported as FILE:LINE: reason.")
+    c.add_argument("files", nargs="+", help="dataset files")
+    add_model_args(c, ckpt=False)
+    c.add_argument("--report", help="also write the findings as JSON to this path")
+    c.add_argument("--image_timeout", type=float, default=10.0, help="seconds to wait for an image URL")
+    c.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("tiny", help="write a tiny random InternVL checkpoint (for tests and trials)")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("models", help="list the registered model types")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="build the tiny model and answer a question about an image (no GPU, no cluster)")
+    p.add_argument("--workdir", help="where to keep the tiny model (default: $INTERNVL_HOME or ~/.cache/internvl)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("INTERNVL_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"internvl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

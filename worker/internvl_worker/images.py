@@ -1,0 +1,207 @@
+"""Images: load from a path, an http(s) URL or a data URL, and tile them as InternVL does.
+
+Tiling (InternVL's `dynamic_preprocess`): pick the grid (cols, rows) with 1 <= cols*rows <= max_num whose
+aspect ratio is closest to the image's (ties go to the larger grid while the image covers more than half
+of it), resize to (448*cols, 448*rows) with bicubic, cut 448-px tiles, add a 448-px thumbnail of the
+whole image when there is more than one tile, then scale to [0,1] and normalise with ImageNet mean/std.
+transformers' GotOcr2 image processor does exactly this; we use its PIL backend, which equals the
+reference bit for bit (tests/worker/test_images.py), where the torchvision backend differs by up to 0.27.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import urllib.parse
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# 89.5M pixels is PIL's own bomb threshold; a 12-tile InternVL image needs far less (448^2 * 13 = 2.6M).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the input and the reason."""
+
+
+def _short(src: str) -> str:
+    return src if len(src) <= 80 else src[:60] + "..." + src[-12:]
+
+
+def _is_private_host(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        raise ImageError(f"image URL host {host!r} does not resolve: {e}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast or addr.is_unspecified:
+            return True
+    return False
+
+
+def fetch_url(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, allow_private: bool = True, max_redirects: int = 5) -> bytes:
+    """GET an image URL with a timeout, a size cap and a content-type check.
+
+    With allow_private=False every hop (redirects included) must resolve to a public address, so a
+    server inside a cluster cannot be used as a proxy into it.
+    """
+    import requests
+
+    for _ in range(max_redirects + 1):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ImageError(f"image URL {_short(url)!r}: only http(s) URLs are fetched")
+        if not allow_private and _is_private_host(parsed.hostname):
+            raise ImageError(f"image URL {_short(url)!r} points to a private, loopback or link-local address")
+        try:
+            resp = requests.get(url, timeout=timeout, stream=True, allow_redirects=False)
+        except requests.Timeout:
+            raise ImageError(f"image URL {_short(url)!r} timed out after {timeout:g}s") from None
+        except requests.RequestException as e:
+            raise ImageError(f"image URL {_short(url)!r} could not be fetched: {type(e).__name__}") from None
+        with resp:
+            if resp.is_redirect or resp.is_permanent_redirect:
+                url = urllib.parse.urljoin(url, resp.headers.get("location", ""))
+                continue
+            if resp.status_code != 200:
+                raise ImageError(f"image URL {_short(url)!r} answered HTTP {resp.status_code}")
+            ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+                raise ImageError(f"image URL {_short(url)!r} has content-type {ctype!r}, not an image")
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise ImageError(f"image URL {_short(url)!r} is {int(declared)} bytes, over the {max_bytes}-byte limit")
+            data = bytearray()
+            try:
+                for chunk in resp.iter_content(64 * 1024):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise ImageError(f"image URL {_short(url)!r} is over the {max_bytes}-byte limit")
+            except requests.RequestException as e:
+                raise ImageError(f"image URL {_short(url)!r} broke off: {type(e).__name__}") from None
+            return bytes(data)
+    raise ImageError(f"image URL {_short(url)!r}: more than {max_redirects} redirects")
+
+
+def decode_data_url(src: str, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    header, _, payload = src.partition(",")
+    if ";base64" not in header:
+        raise ImageError("data URL images must be base64 encoded (data:image/png;base64,...)")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageError(f"data URL image is over the {max_bytes}-byte limit")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("data URL image is not valid base64") from None
+
+
+def open_image_bytes(data: bytes, name: str) -> Image.Image:
+    """Decode, apply EXIF orientation, and convert to RGB (transparent parts become white)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"image {name}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image {name}: {'not a readable image' if isinstance(e, UnidentifiedImageError) else e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"image {name}: corrupt or truncated ({e})") from None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode == "I;16" or img.mode == "I":
+        # 16-bit grey: scale to 8 bits rather than clip everything above 255 to white.
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
+
+
+def load_image(src, *, base_dir: str | Path | None = None, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, allow_private_urls: bool = True) -> Image.Image:
+    """An RGB PIL image from a PIL image, a local path, an http(s) URL or a data: URL."""
+    if isinstance(src, Image.Image):
+        return src.convert("RGB")
+    src = str(src).strip()
+    if src.startswith("data:"):
+        return open_image_bytes(decode_data_url(src, max_bytes=max_bytes), "from data URL")
+    if src.startswith(("http://", "https://")):
+        data = fetch_url(src, timeout=timeout, max_bytes=max_bytes, allow_private=allow_private_urls)
+        return open_image_bytes(data, repr(_short(src)))
+    path = Path(src).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise ImageError(f"image {src!r} not found" + (f" (looked in {path.parent})" if base_dir else ""))
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageError(f"image {src!r} is {size} bytes, over the {max_bytes}-byte limit")
+    return open_image_bytes(path.read_bytes(), repr(src))
+
+
+def image_size(src, *, base_dir: str | Path | None = None, **kw) -> tuple[int, int]:
+    """(width, height) after EXIF orientation; reads only the header for local files."""
+    if isinstance(src, Image.Image):
+        return src.size
+    s = str(src)
+    if s.startswith(("data:", "http://", "https://")):
+        return load_image(s, **kw).size
+    path = Path(s).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise ImageError(f"image {s!r} not found" + (f" (looked in {path.parent})" if base_dir else ""))
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"image {s!r}: not a readable image ({type(e).__name__})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+class ImageTiler:
+    """Tiles images into `(tiles, 3, size, size)` pixel values with InternVL's dynamic tiling."""
+
+    def __init__(self, size: int = 448, max_tiles: int = 12):
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        if max_tiles < 1:
+            raise ValueError(f"max tiles must be at least 1, got {max_tiles}")
+        self.size, self.max_tiles = size, max_tiles
+        self.processor = GotOcr2ImageProcessorPil(
+            crop_to_patches=max_tiles > 1,
+            min_patches=1,
+            max_patches=max_tiles,
+            size={"height": size, "width": size},
+            image_mean=list(IMAGENET_MEAN),
+            image_std=list(IMAGENET_STD),
+            do_convert_rgb=True,
+        )
+
+    def num_tiles(self, width: int, height: int) -> int:
+        """Tiles for an image of this size, thumbnail included, without touching its pixels."""
+        return self.processor.get_number_of_image_patches(height, width, {})
+
+    def __call__(self, images: list[Image.Image]):
+        """-> (pixel_values float32 tensor (sum(tiles), 3, size, size), tiles per image)."""
+        import torch
+
+        if not images:
+            return None, []
+        out = self.processor(images=images, return_tensors="np")
+        return torch.from_numpy(out["pixel_values"]), [int(n) for n in out["num_patches"]]
