@@ -16,6 +16,7 @@ from . import api, constants as c
 from .settings import OperatorSettings
 
 DEFAULT_SETTINGS = OperatorSettings()
+GENERATION_LABEL = f"{c.GROUP}/generation"
 
 
 # --------------------------------------------------------------------------- names and labels
@@ -203,6 +204,7 @@ def _job(
     pod_spec: dict[str, Any],
     backoff_limit: int,
     ttl: int | None,
+    generation: int | None,
     extra_spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
@@ -212,10 +214,14 @@ def _job(
     if ttl is not None:
         spec["ttlSecondsAfterFinished"] = ttl
     spec.update(extra_spec or {})
+    job_labels = dict(labels)
+    if generation is not None:
+        # Which spec generation made this Job: a failed Job of an older generation is replaced, not reported.
+        job_labels[GENERATION_LABEL] = str(generation)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "metadata": {"name": name, "namespace": namespace, "labels": job_labels},
         "spec": spec,
     }
 
@@ -257,6 +263,7 @@ def build_datacheck_job(ft: api.InternVLFineTune, settings: OperatorSettings = D
         pod_spec=pod_spec,
         backoff_limit=0,  # a bad row is bad on every retry
         ttl=ft.spec.ttl_seconds_after_finished,
+        generation=ft.metadata.generation,
     )
 
 
@@ -383,9 +390,10 @@ def build_train_job(ft: api.InternVLFineTune, settings: OperatorSettings = DEFAU
         pod_spec=pod_spec,
         backoff_limit=spec.backoff_limit,
         ttl=spec.ttl_seconds_after_finished,
+        generation=ft.metadata.generation,
         extra_spec=extra,
     )
-    job["metadata"]["labels"] = job_labels
+    job["metadata"]["labels"].update(job_labels)
     return job
 
 
@@ -434,6 +442,7 @@ def build_merge_job(ft: api.InternVLFineTune, settings: OperatorSettings = DEFAU
         pod_spec=pod_spec,
         backoff_limit=1,
         ttl=ft.spec.ttl_seconds_after_finished,
+        generation=ft.metadata.generation,
     )
 
 
@@ -705,13 +714,3 @@ def build_serving_children(svc: api.InternVLService, settings: OperatorSettings 
     """Everything an InternVLService owns, in apply order."""
     children = [build_deployment(svc, settings), build_service(svc), build_hpa(svc), build_pdb(svc)]
     return [child for child in children if child is not None]
-
-
-def build_finetune_pipeline_job(ft: api.InternVLFineTune, component: str, settings: OperatorSettings) -> dict:
-    """Dispatch by component name (used by the reconciler's plan)."""
-    builders = {
-        c.COMPONENT_DATACHECK: build_datacheck_job,
-        c.COMPONENT_TRAIN: build_train_job,
-        c.COMPONENT_MERGE: build_merge_job,
-    }
-    return builders[component](ft, settings)

@@ -50,31 +50,41 @@ MAX_NAME_LENGTH = 63
 # Job controller also puts the name into a label value; 56 leaves room for "-" + a 6-digit index.
 MAX_JOB_NAME_LENGTH = 56
 
-# Model types the worker's registry knows (worker/internvl_worker registry; the seed's names plus the
-# HF-native InternVL3/3.5 checkpoints). An unknown type fails the CR before any pod is created.
+# Model types of the worker's registry (worker/internvl_worker/registry.py; a test keeps the two equal).
+# Copied, not imported: the operator image does not ship the worker. An unknown type fails the CR before any pod.
 KNOWN_MODEL_TYPES = (
     "internvl-chat-v1_5",
-    "mini-internvl-chat-2b-v1_5",
-    "mini-internvl-chat-4b-v1_5",
+    "internvl-chat-v1_5-int8",
+    "internvl-tiny",
     "internvl2-1b",
+    "internvl2-26b",
     "internvl2-2b",
+    "internvl2-40b",
     "internvl2-4b",
     "internvl2-8b",
+    "internvl2-llama3-76b",
     "internvl2_5-1b",
+    "internvl2_5-26b",
     "internvl2_5-2b",
+    "internvl2_5-38b",
     "internvl2_5-4b",
+    "internvl2_5-78b",
     "internvl2_5-8b",
+    "internvl3-14b",
     "internvl3-1b",
     "internvl3-2b",
-    "internvl3-8b",
-    "internvl3-14b",
     "internvl3-38b",
     "internvl3-78b",
+    "internvl3-8b",
+    "internvl3-9b",
+    "internvl3_5-14b",
     "internvl3_5-1b",
     "internvl3_5-2b",
+    "internvl3_5-38b",
     "internvl3_5-4b",
     "internvl3_5-8b",
-    "internvl3_5-38b",
+    "mini-internvl-chat-2b-v1_5",
+    "mini-internvl-chat-4b-v1_5",
 )
 
 # Phases (status.phase) and condition types, as printed by `kubectl get`.
