@@ -88,7 +88,8 @@ def _build_registry() -> dict[str, ModelSpec]:
             _spec(f"internvl3_5-{size}", f"OpenGVLab/InternVL3_5-{size.upper()}-HF", "internvl2_5", None, "qwen2", native=True)
         )
     # A random model of a few MB, built locally by `internvl tiny` (tests, demo, operator e2e).
-    specs.append(_spec("internvl-tiny", "", "internvl2_5", "You are a tiny test model.", "qwen2", native=True))
+    # 4 tiles at most keeps its CPU runs short (5 x 16 = 80 image tokens per image).
+    specs.append(_spec("internvl-tiny", "", "internvl2_5", "You are a tiny test model.", "qwen2", native=True, max_tiles=4))
     return {s.model_type: s for s in specs}
 
 
