@@ -1,7 +1,8 @@
 """Just enough OpenAPI for kubectl.
 
 kubectl (>= 1.27) reads `/openapi/v3` to learn whether the server does field validation: it looks
-for the `fieldValidation` query parameter on `PATCH /api/v1/namespaces/{name}`. When present it sends
+for the `fieldValidation` query parameter on the PATCH operation whose `x-kubernetes-group-version-kind` is the object's (or Namespace's,
+for group/versions it cannot find). When present it sends
 `?fieldValidation=Strict` and leaves validation to the server (our CRD schemas). Custom resource
 schemas are published under their group/version so `kubectl explain` has something to read.
 `/openapi/v2` is protobuf-only in client-go, so it answers 406 to protobuf and JSON otherwise.
@@ -35,7 +36,9 @@ def gv_document(store, group: str, version: str) -> dict:
             continue
         base = "/" + gv_path(group, version)
         item = f"{base}/namespaces/{{namespace}}/{rt.plural}/{{name}}" if rt.namespaced else f"{base}/{rt.plural}/{{name}}"
+        gvk_ext = {"group": rt.group, "version": version, "kind": rt.kind}
         paths[item] = {"patch": {"operationId": f"patch{rt.kind}", "parameters": list(_COMMON_QUERY),
+                                 "x-kubernetes-action": "patch", "x-kubernetes-group-version-kind": gvk_ext,
                                  "responses": {"200": {"description": "OK"}}},
                        "put": {"operationId": f"replace{rt.kind}", "parameters": list(_COMMON_QUERY),
                                "responses": {"200": {"description": "OK"}}}}
@@ -48,6 +51,8 @@ def gv_document(store, group: str, version: str) -> dict:
         # the very path kubectl's query-param verifier inspects
         paths["/api/v1/namespaces/{name}"] = {
             "patch": {"operationId": "patchCoreV1Namespace", "parameters": list(_COMMON_QUERY),
+                      "x-kubernetes-action": "patch",
+                      "x-kubernetes-group-version-kind": {"group": "", "version": "v1", "kind": "Namespace"},
                       "responses": {"200": {"description": "OK"}}}}
     return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.37.0"},
             "paths": paths, "components": {"schemas": schemas}}
