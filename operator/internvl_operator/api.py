@@ -25,6 +25,10 @@ HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 LORA_TARGETS = r"^(DEFAULT|ALL|[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*)$"
 
 
+# message -> rule, so the operator can name the same field as the API server (pydantic only knows the model).
+RULES_BY_MESSAGE: dict[str, "CelRule"] = {}
+
+
 class CelRule:
     """One cross-field rule: the CEL text for the CRD and the message both the API server and pydantic give."""
 
@@ -32,6 +36,7 @@ class CelRule:
         self.rule = rule
         self.message = message
         self.field_path = field_path
+        RULES_BY_MESSAGE[message] = self
 
     def to_schema(self) -> dict[str, str]:
         out = {"rule": self.rule, "message": self.message}

@@ -76,6 +76,10 @@ def describe_validation_error(exc: pydantic.ValidationError, *, root: str | None
         loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
         path = ".".join([root, *loc] if root else loc)
         message = err["msg"].removeprefix("Value error, ")
+        rule = api.RULES_BY_MESSAGE.get(message)
+        if rule is not None and rule.field_path:
+            loc.append(rule.field_path.lstrip("."))
+        path = ".".join([root, *loc] if root else loc)
         lines.append(f"{path}: {message}")
     return "; ".join(lines)
 
