@@ -185,7 +185,7 @@ class Store:
         return [f'unknown field "{p}"' for p in res.unknown]
 
     def create(self, rt, ns, body, version=None, dry_run=False, strict=False, manager=None,
-               warnings=None) -> dict:
+               warnings=None, operation="Update") -> dict:
         if not isinstance(body, dict):
             raise bad_request("the body of the request was in an unknown format")
         obj = copy.deepcopy(body)
@@ -225,7 +225,7 @@ class Store:
         if warnings is not None:
             warnings.extend(w)
         if manager:
-            meta["managedFields"] = [_managed_entry(manager, "Update", obj, rt, version)]
+            meta["managedFields"] = [_managed_entry(manager, operation, obj, rt, version)]
         if dry_run:
             meta["resourceVersion"] = str(self.rv)
             return obj
@@ -353,8 +353,7 @@ class Store:
                 raise not_found(rt, name)
             body = copy.deepcopy(body)
             body.setdefault("metadata", {})["name"] = name
-            obj = self.create(rt, ns, body, version, dry_run, strict, None, warnings)
-            obj["metadata"]["managedFields"] = [_managed_entry(manager, "Apply", body, rt, version)]
+            obj = self.create(rt, ns, body, version, dry_run, strict, manager, warnings, operation="Apply")
             if not dry_run:
                 self.applied[(obj["metadata"]["uid"], manager)] = copy.deepcopy(body)
             return obj
