@@ -179,16 +179,23 @@ def pod_failure(pod: dict[str, Any]) -> PodFailure | None:
         state = cs.get("state") or {}
         candidates: list[PodFailure | None] = []
         waiting = state.get("waiting") or {}
-        if waiting.get("reason") in _STUCK_WAITING:
+        last = (cs.get("lastState") or {}).get("terminated")
+        if waiting.get("reason") == "CrashLoopBackOff" and last:
+            # CrashLoopBackOff hides why it crashed; the last termination says (OOMKilled, exit code, message).
+            crashed = _terminated_failure(name, cs.get("name"), last)
+            if crashed is not None and crashed.reason == "OOMKilled":
+                candidates.append(crashed)
+            else:
+                detail = f"last exit: {last.get('reason') or 'Error'}" + (f": {last['message'].strip()}" if last.get("message") else "")
+                candidates.append(
+                    PodFailure("CrashLoopBackOff", detail, last.get("exitCode"), name, cs.get("name"), rank=_STUCK_WAITING["CrashLoopBackOff"])
+                )
+        elif waiting.get("reason") in _STUCK_WAITING:
             candidates.append(
                 PodFailure(waiting["reason"], waiting.get("message", ""), None, name, cs.get("name"), rank=_STUCK_WAITING[waiting["reason"]])
             )
         if "terminated" in state:
             candidates.append(_terminated_failure(name, cs.get("name"), state["terminated"]))
-        last = (cs.get("lastState") or {}).get("terminated")
-        if last and waiting.get("reason") == "CrashLoopBackOff":
-            # CrashLoopBackOff hides why it crashed; the last termination says (e.g. OOMKilled, exit 1).
-            candidates.append(_terminated_failure(name, cs.get("name"), last))
         for cand in candidates:
             if cand is not None and (best is None or cand.rank > best.rank):
                 best = cand
@@ -286,7 +293,7 @@ def parse_worker_log(text: str) -> WorkerProgress:
             continue
         if not isinstance(event, dict):
             continue
-        if event.get("event") == "progress":
+        if event.get("event") == "progress" and _number(event.get("step"), int) is not None:
             progress = event
         elif event.get("event") == "done" and isinstance(event.get("checkpoint"), str):
             checkpoint = event["checkpoint"]
