@@ -196,8 +196,10 @@ def cmd_data_check(args) -> int:
 def cmd_tiny(args) -> int:
     from .tiny import build_tiny_model
 
-    path = build_tiny_model(args.output_dir, seed=args.seed or 0)
-    print(f"tiny InternVL written to {path} (model_type internvl-tiny)")
+    from .registry import read_meta
+
+    path = build_tiny_model(args.output_dir, seed=args.seed or 0, shape=args.shape)
+    print(f"random InternVL ({args.shape}) written to {path} (model_type {read_meta(path)['model_type']})")
     return 0
 
 
@@ -266,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="write a tiny random InternVL checkpoint (for tests and trials)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", default="tiny", choices=["tiny", "internvl3-1b"], help="tiny (1 MB, CPU tests) or the real InternVL3-1B layout with random weights (benchmarks)")
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("models", help="list the registered model types")

@@ -60,52 +60,68 @@ def _train_tokenizer():
     )
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0, text_layers: int = 2, hidden: int = 64) -> Path:
-    """Write a complete checkpoint directory (config, safetensors, tokenizer, image processor)."""
+# Model shapes. "tiny" is for CPU tests; "internvl3-1b" is the real InternVL3-1B layout (InternViT-300M
+# + Qwen2-0.5B, 0.94B parameters) with random weights, for GPU benchmarks: speed does not depend on values.
+SHAPES = {
+    "tiny": {
+        "vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=TILE_SIZE, patch_size=4),
+        # initializer_range wider than the usual 0.02 so that a random model's greedy output varies from
+        # token to token, which makes stream-vs-batch and merge-vs-adapter comparisons meaningful.
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3),
+        "vocab_size": None,  # = the tokenizer's
+        "model_type": "internvl-tiny",
+    },
+    "internvl3-1b": {
+        "vision": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448, patch_size=14),
+        "text": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0),
+        "vocab_size": 151_674,
+        "model_type": "internvl3-1b",
+    },
+}
+
+
+def random_model(shape: str = "tiny", *, seed: int = 0, tokenizer=None):
+    """(model, tokenizer): a randomly initialised InternVL of the given shape, in fp32 on the CPU."""
     import torch
     from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer()
-    vision = InternVLVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=TILE_SIZE,
-        patch_size=4,
-    )
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    s = SHAPES[shape]
+    tokenizer = tokenizer or _train_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    vision = InternVLVisionConfig(**s["vision"])
     text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
+        vocab_size=s["vocab_size"] or len(tokenizer),
+        max_position_embeddings=32768,
         tie_word_embeddings=True,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
-        # Wider than the usual 0.02 so that a random model's greedy output varies from token to token,
-        # which makes stream-vs-batch and merge-vs-adapter comparisons meaningful.
-        initializer_range=0.3,
+        **s["text"],
     )
+    size, patch = s["vision"]["image_size"], s["vision"]["patch_size"]
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-        image_seq_length=(TILE_SIZE // 4) ** 2 // 4,
+        image_seq_length=(size // patch) ** 2 // 4,  # pixel shuffle 0.5: 4 patches -> 1 token
         downsample_ratio=0.5,
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id, max_new_tokens=64
-    )
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, max_new_tokens=64)
+    return model, tokenizer
+
+
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write a complete checkpoint directory (config, safetensors, tokenizer, image processor)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = random_model(shape, seed=seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    size = SHAPES[shape]["vision"]["image_size"]
     (out / "preprocessor_config.json").write_text(
         json.dumps(
             {
@@ -113,12 +129,12 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, text_layers: int = 2
                 "crop_to_patches": True,
                 "min_patches": 1,
                 "max_patches": 12,
-                "size": {"height": TILE_SIZE, "width": TILE_SIZE},
+                "size": {"height": size, "width": size},
                 "image_mean": [0.485, 0.456, 0.406],
                 "image_std": [0.229, 0.224, 0.225],
             },
             indent=2,
         )
     )
-    write_meta(out, model_type="internvl-tiny")
+    write_meta(out, model_type=SHAPES[shape]["model_type"])
     return out
