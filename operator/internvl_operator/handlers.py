@@ -23,11 +23,6 @@ SETTINGS: OperatorSettings = load_settings()
 _kube: Kube | None = None
 log = logging.getLogger(__name__)
 
-# Failed for a reason the cluster can fix without a spec change (a PVC created later, an upstream
-# fine-tune re-run): keep checking instead of treating the failure as final.
-RECOVERABLE_REASONS = {"PVCNotFound", "ConfigMapNotFound", "UpstreamFailed"}
-
-
 def configure(*, kube: Kube | None = None, settings: OperatorSettings | None = None) -> None:
     """Inject the API client and settings (tests; __main__ leaves the defaults)."""
     global _kube, SETTINGS
@@ -273,13 +268,7 @@ def _record_problem(kube: Kube, body: dict[str, Any], *, phase: str, reason: str
 
 
 def is_final(body: dict[str, Any]) -> bool:
-    """Failed or Succeeded for the current spec: nothing to do until the spec changes."""
-    status = body.get("status") or {}
-    generation = (body.get("metadata") or {}).get("generation")
-    if status.get("phase") not in (c.PHASE_FAILED, c.PHASE_SUCCEEDED) or status.get("observedGeneration") != generation:
-        return False
-    failed = st.get_condition(status.get("conditions"), c.COND_FAILED) or {}
-    return failed.get("reason") not in RECOVERABLE_REASONS
+    return reconcile.is_final(body.get("status") or {}, (body.get("metadata") or {}).get("generation"))
 
 
 def _run(kind: str, body: dict[str, Any], step: Any, *, first_condition: str) -> None:

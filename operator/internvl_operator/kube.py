@@ -7,6 +7,7 @@ tests can point the same code at an in-process API (kmock) or a real cluster.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 from urllib.parse import urlencode
 
@@ -157,7 +158,8 @@ class Kube:
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
+            # A client-chosen unique name (as client-go's recorder does) rather than generateName.
+            "metadata": {"name": f"{meta['name'][:200]}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
             "involvedObject": {
                 "apiVersion": obj["apiVersion"],
                 "kind": obj["kind"],

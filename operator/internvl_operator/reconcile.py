@@ -86,6 +86,19 @@ class _Status:
         outputs.update({k: v for k, v in values.items() if v is not None})
 
 
+# Failed for a reason the cluster can fix without a spec change (a PVC created later, an upstream
+# fine-tune re-run): keep checking instead of treating the failure as final.
+RECOVERABLE_REASONS = {"PVCNotFound", "ConfigMapNotFound", "UpstreamFailed"}
+
+
+def is_final(status: dict[str, Any], generation: int | None) -> bool:
+    """Failed or Succeeded for the current spec: nothing to do until the spec changes."""
+    if status.get("phase") not in (c.PHASE_FAILED, c.PHASE_SUCCEEDED) or status.get("observedGeneration") != generation:
+        return False
+    failed = st.get_condition(status.get("conditions"), c.COND_FAILED) or {}
+    return failed.get("reason") not in RECOVERABLE_REASONS
+
+
 def _stale_failed(job: st.JobState, generation: int | None) -> bool:
     """A failed Job made from an older spec: the user changed the CR to fix it, so run that stage again."""
     return job.failed and generation is not None and job.generation_label is not None and job.generation_label < generation
@@ -111,7 +124,7 @@ def plan_finetune(
     plan = Plan(status=s.data)
     spec = ft.spec
     old_phase = ft.status.phase
-    if old_phase in (c.PHASE_FAILED, c.PHASE_SUCCEEDED) and ft.status.observed_generation == ft.metadata.generation:
+    if is_final(s.data, ft.metadata.generation):
         # Final for this spec: keep the recorded reason even after TTL removed the pods it came from.
         return plan
     s.data["observedGeneration"] = ft.metadata.generation
@@ -169,7 +182,7 @@ def _advance(
             rows = st.bad_rows(dc.log)
             failure = st.worst_pod_failure(dc.pods)
             if rows:
-                message = f"{len(rows)}+ bad rows (fix them and re-apply): " + "; ".join(rows)
+                message = f"{len(rows)}{'+' if len(rows) >= 10 else ''} bad row(s); fix them and re-apply: " + "; ".join(rows)
                 reason = "BadRows"
             else:
                 message = _failure_message("data check", dc.job, failure)
