@@ -520,36 +520,42 @@ PHASE_ENUM = {"enum": list(constants.PHASES)}
 class InternVLFineTuneStatus(Spec):
     model_config = ConfigDict(extra="ignore")
 
-    phase: str | None = Field(default=None, json_schema_extra=PHASE_ENUM)
-    message: str | None = Field(default=None, max_length=4096)
+    phase: str | None = Field(default=None, description="Where the run is.", json_schema_extra=PHASE_ENUM)
+    message: str | None = Field(default=None, max_length=4096, description="What is happening, or what to fix.")
     conditions: list[Condition] | None = Field(
-        default=None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+        default=None,
+        description="SpecValid, DatasetValidated, TrainingSucceeded, MergeSucceeded, ServiceCreated, Suspended, Complete, Failed.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    observed_generation: int | None = None
-    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
-    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(default=None, description="metadata.generation this status describes.")
+    start_time: str | None = Field(default=None, description="First reconcile.", json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(
+        default=None, description="Training (and merge) finished.", json_schema_extra={"format": "date-time"}
+    )
     gpus: int | None = Field(default=None, description="gpusPerNode * nodes.")
-    progress: ProgressInfo | None = None
-    outputs: FineTuneOutputs | None = None
-    service_name: str | None = None
-    url: str | None = None
-    failure: FailureInfo | None = None
+    progress: ProgressInfo | None = Field(default=None, description="From the worker's JSON progress lines (rank 0).")
+    outputs: FineTuneOutputs | None = Field(default=None, description="Where the results are on the output PVC.")
+    service_name: str | None = Field(default=None, description="The InternVLService created from spec.serve.")
+    url: str | None = Field(default=None, description="That service's URL.")
+    failure: FailureInfo | None = Field(default=None, description="Why the current stage's pod failed.")
 
 
 class InternVLServiceStatus(Spec):
     model_config = ConfigDict(extra="ignore")
 
-    phase: str | None = Field(default=None, json_schema_extra=PHASE_ENUM)
-    message: str | None = Field(default=None, max_length=4096)
+    phase: str | None = Field(default=None, description="Pending, Serving or Failed.", json_schema_extra=PHASE_ENUM)
+    message: str | None = Field(default=None, max_length=4096, description="What is happening, or what to fix.")
     conditions: list[Condition] | None = Field(
-        default=None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+        default=None,
+        description="Ready: True once a replica passes /ready; False with the pod's reason otherwise.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    observed_generation: int | None = None
-    replicas: int | None = None
-    ready_replicas: int | None = None
-    url: str | None = None
+    observed_generation: int | None = Field(default=None, description="metadata.generation this status describes.")
+    replicas: int | None = Field(default=None, description="Pods of the Deployment.")
+    ready_replicas: int | None = Field(default=None, description="Pods passing the readiness probe.")
+    url: str | None = Field(default=None, description="In-cluster URL (TGI at /, OpenAI at /v1).")
     model: str | None = Field(default=None, description="What is served (path or hub id).")
-    failure: FailureInfo | None = None
+    failure: FailureInfo | None = Field(default=None, description="Why a replica is failing.")
 
 
 # --------------------------------------------------------------------------- whole objects

@@ -11,6 +11,7 @@ server prunes unknown fields, and kubectl's strict field validation reports them
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -202,11 +203,72 @@ def rendered_files() -> dict[str, str]:
     }
 
 
+def _field_rows(node: dict[str, Any], path: str, required: bool) -> list[str]:
+    rows = []
+    kind = "int-or-string" if node.get("x-kubernetes-int-or-string") else node.get("type", "")
+    if kind == "array" and isinstance(node.get("items"), dict):
+        kind = f"[]{node['items'].get('type', 'object')}"
+    limits = []
+    for key, label in (("enum", "one of"), ("default", "default"), ("minimum", "min"), ("maximum", "max")):
+        if key in node:
+            value = node[key]
+            limits.append(f"{label} `{', '.join(value) if key == 'enum' else json.dumps(value)}`")
+    if required:
+        limits.insert(0, "**required**")
+    rules = [r["message"] for r in node.get("x-kubernetes-validations", [])]
+    text = (node.get("description") or "").replace("|", "\\|").replace("\n", " ")
+    extra = "; ".join(limits + [f"rule: {m}" for m in rules])
+    rows.append(f"| `{path}` | {kind} | {text}{' (' + extra + ')' if extra else ''} |")
+    children = node.get("properties") or {}
+    if not children and isinstance(node.get("items"), dict):
+        children = node["items"].get("properties") or {}
+        node = node["items"]
+        path += "[]"
+    for name, prop in children.items():
+        rows += _field_rows(prop, f"{path}.{name}", name in node.get("required", []))
+    return rows
+
+
+def field_reference() -> str:
+    """Markdown tables of every spec and status field (operator/README.md embeds this; a test checks it)."""
+    parts = []
+    for crd in (finetune_crd(), service_crd()):
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        kind = crd["spec"]["names"]["kind"]
+        for section in ("spec", "status"):
+            node = schema["properties"][section]
+            rows = [f"#### {kind} `.{section}`\n", "| field | type | meaning |", "| --- | --- | --- |"]
+            for name, prop in node["properties"].items():
+                if name != "kopf":
+                    rows += _field_rows(prop, f"{section}.{name}", name in node.get("required", []))
+            parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+DOCS_BEGIN = "<!-- BEGIN GENERATED FIELD REFERENCE (python -m internvl_operator.crdgen --docs operator/README.md) -->"
+DOCS_END = "<!-- END GENERATED FIELD REFERENCE -->"
+
+
+def embed_reference(readme: str) -> str:
+    head, _, rest = readme.partition(DOCS_BEGIN)
+    _, _, tail = rest.partition(DOCS_END)
+    return f"{head}{DOCS_BEGIN}\n\n{field_reference()}\n{DOCS_END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("crds"))
     parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on drift")
+    parser.add_argument("--docs", type=Path, default=None, help="also refresh the field reference in this README")
     args = parser.parse_args(argv)
+    if args.docs is not None:
+        text = args.docs.read_text()
+        updated = embed_reference(text)
+        if args.check and updated != text:
+            print(f"{args.docs}: field reference is stale")
+            return 1
+        if not args.check:
+            args.docs.write_text(updated)
     drifted = []
     for name, text in rendered_files().items():
         path = args.output_dir / name
