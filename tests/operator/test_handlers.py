@@ -249,10 +249,3 @@ async def test_metrics_count_reconciles_and_phases(kube):
     await reconcile(kube, FT, "tiny", handlers.reconcile_finetune)
     assert metrics.RECONCILES.labels(kind="InternVLFineTune")._value.get() == before + 1
     assert metrics.RESOURCES.labels(kind="InternVLFineTune", phase="Validating")._value.get() >= 1
-
-
-def test_handlers_register_with_kopf():
-    registry = kopf.OperatorRegistry()
-    handlers.register(registry)
-    ids = {h.id for h in registry._changing.get_all_handlers()} | {h.id for h in registry._spawning.get_all_handlers()}
-    assert {"finetune-create", "finetune-resume", "finetune-update/spec", "finetune-poll", "service-create", "service-poll"} <= ids

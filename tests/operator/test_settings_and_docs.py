@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import kopf
 import pytest
 
-from internvl_operator import __main__ as cli, constants as c, crdgen
+from internvl_operator import __main__ as cli, constants as c, crdgen, handlers
 from internvl_operator.settings import OperatorSettings
 
 from operator_helpers import REPO
@@ -44,3 +45,10 @@ def test_known_model_types_equal_the_worker_registry():
 def test_command_line():
     args = cli.parse_args(["-n", "a", "-n", "b", "--peering", "internvl"])
     assert args.namespace == ["a", "b"] and args.peering == "internvl"
+
+
+def test_handlers_register_with_kopf():
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry)
+    ids = {h.id for h in registry._changing.get_all_handlers()} | {h.id for h in registry._spawning.get_all_handlers()}
+    assert {"finetune-create", "finetune-resume", "finetune-update/spec", "finetune-poll", "service-create", "service-poll"} <= ids
