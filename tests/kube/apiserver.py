@@ -330,6 +330,14 @@ class ApiServer:
             return await self._watch(request, rt, route)
         if verb == "list":
             return self._list(request, rt, route)
+        if route.sub == "binding":
+            body = await self._body(request)
+            pod = store.get(rt, route.namespace, route.name)
+            new = json.loads(json.dumps(pod))
+            new["spec"]["nodeName"] = (body.get("target") or {}).get("name", "")
+            store.update(rt, route.namespace, route.name, new, require_rv=False)
+            return self._json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                               "code": 201}, 201)
         if verb == "create":
             body = await self._body(request)
             obj = store.create(rt, route.namespace, body, manager=manager, warnings=warnings, **opts)
@@ -341,14 +349,6 @@ class ApiServer:
             return self._json(self._list_body(rt, route.version, items))
         if route.sub == "log":
             return await self._logs(request, rt, route)
-        if route.sub == "binding":
-            body = await self._body(request)
-            pod = store.get(rt, route.namespace, route.name)
-            new = json.loads(json.dumps(pod))
-            new["spec"]["nodeName"] = (body.get("target") or {}).get("name", "")
-            store.update(rt, route.namespace, route.name, new, require_rv=False)
-            return self._json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                               "code": 201}, 201)
         sub = "status" if route.sub == "status" else None
         if verb == "get":
             obj = store.get(rt, route.namespace, route.name)

@@ -144,8 +144,8 @@ class ProcessKubelet:
                 r.close()
             except Exception:
                 pass
-        for t in self._threads:
-            t.join(5)
+        for t in self._threads:  # watch threads are daemons blocked in a read: do not wait long
+            t.join(0.2)
         with self._lock:
             for p in self.procs.values():
                 self._kill(p, signal.SIGKILL)
@@ -156,8 +156,8 @@ class ProcessKubelet:
         session.headers["User-Agent"] = USER_AGENT
         while not self._stop.is_set():
             try:
-                r = session.get(self.api_url + path, params={"watch": "true", "timeoutSeconds": "30"},
-                                stream=True, timeout=(2, 40))
+                r = session.get(self.api_url + path, params={"watch": "true", "timeoutSeconds": "10"},
+                                stream=True, timeout=(2, 15))
                 self._watch_responses.append(r)
                 for line in r.iter_lines():
                     if self._stop.is_set():
