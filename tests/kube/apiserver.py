@@ -150,7 +150,8 @@ class ApiServer:
     async def start_async(self) -> "ApiServer":
         self._loop = asyncio.get_running_loop()
         self.store.on_change = self._schedule_gc
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # a short shutdown_timeout: open watch streams must not hold a test's teardown for a minute
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

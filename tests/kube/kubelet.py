@@ -139,13 +139,8 @@ class ProcessKubelet:
     def stop(self) -> None:
         self._stop.set()
         self._dirty.set()
-        for r in list(self._watch_responses):
-            try:
-                r.close()
-            except Exception:
-                pass
-        for t in self._threads:  # watch threads are daemons blocked in a read: do not wait long
-            t.join(0.2)
+        self._threads[0].join(5)  # the reconcile loop; watch threads are daemons blocked in a read
+
         with self._lock:
             for p in self.procs.values():
                 self._kill(p, signal.SIGKILL)
