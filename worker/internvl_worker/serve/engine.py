@@ -1,0 +1,448 @@
+"""The generation engine: load once, prepare requests off the decode thread, batch decode steps.
+
+Three kinds of threads, so that no request waits on another's slow part:
+
+- the HTTP event loop (app.py): parses, detokenizes, writes responses; never runs the model;
+- a preprocessing pool: fetches and decodes images, tiles them, encodes the prompt, and runs the vision
+  tower (on its own CUDA stream) so the image features are ready before the request reaches the engine;
+- one engine thread that owns the language model: at each step boundary it admits waiting requests
+  (prefill each alone, then copy its KV cache into a row of the batch, see kvbatch.py), then runs one
+  decode step for all rows, and hands the tokens to the event loop in one call per step.
+
+transformers 5.24 has its own continuous batching (`generate_batch`, `ContinuousBatchingManager` in
+generation/continuous_batching): its requests are token-id lists only (`RequestState.initial_tokens`;
+the model runner calls `model(input_ids=..., position_ids=..., cache=paged)`), with no way to pass
+pixel values or image features, so it cannot serve InternVL's image tokens. Hence this scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .sampling import RowState, SamplingParams, next_tokens
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class EngineError(Exception):
+    """A request failed inside the engine (the error goes to that request; the server keeps serving)."""
+
+
+class EngineOverloaded(EngineError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class ServedModel:
+    """The loaded model plus what serving needs to know about it."""
+
+    loaded: object  # modeling.LoadedModel
+    name: str  # the model name clients see (/v1/models, /info, `model` in responses)
+    adapters: dict[str, str] = field(default_factory=dict)  # served adapter name -> PEFT adapter name
+    default_adapter: str | None = None  # PEFT adapter for requests naming no adapter (None: plain model)
+    vision_in_engine: bool = False  # some adapter changes the vision tower: encode images in the engine
+
+    @property
+    def peft(self):
+        from peft import PeftModel
+
+        return self.loaded.model if isinstance(self.loaded.model, PeftModel) else None
+
+    @property
+    def model(self):
+        """The transformers model (LoRA layers injected, when there are adapters)."""
+        peft = self.peft
+        return peft.get_base_model() if peft is not None else self.loaded.model
+
+    @property
+    def template(self):
+        return self.loaded.template
+
+    @property
+    def device(self):
+        return self.model.get_input_embeddings().weight.device
+
+    def adapter_context(self, names: list[str] | None):
+        """Per-row adapters for one forward (PEFT's mixed-batch LoRA); nothing for a plain model."""
+        peft = self.peft
+        if peft is None or names is None:
+            return contextlib.nullcontext()
+        # PeftModel.forward(adapter_names=...) does exactly this around its call; we enter it ourselves
+        # so the transformers model can be called with `cache=` and `mm_encoder_outputs=`.
+        return peft._enable_peft_forward_hooks(adapter_names=names)
+
+
+def parse_adapters(spec: str | None) -> dict[str, str]:
+    """`name=/path,name2=/path2` -> {name: path}; names must be unique and not the reserved ones."""
+    out: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--adapters item {item!r}: expected name=/path/to/adapter")
+        if name in out or name in (BASE_ADAPTER, "default"):
+            raise ValueError(f"--adapters: adapter name {name!r} is {'reserved' if name in (BASE_ADAPTER, 'default') else 'given twice'}")
+        out[name] = path
+    return out
+
+
+def load_served_model(*, model_id_or_path=None, model_type=None, ckpt_dir=None, adapters: dict[str, str] | None = None, dtype="auto", use_flash_attn=None, max_tiles=None, served_model_name=None, device_map=None) -> ServedModel:
+    from .. import modeling
+
+    loaded = modeling.load_model(model_id_or_path, model_type=model_type, ckpt_dir=ckpt_dir, dtype=dtype, use_flash_attn=use_flash_attn, max_tiles=max_tiles, device_map=device_map)
+    default = "default" if loaded.adapter_dir is not None else None  # --ckpt_dir was a LoRA checkpoint
+    served: dict[str, str] = {}
+    for name, path in (adapters or {}).items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise modeling.ModelLoadError(f"--adapters {name}={path}: no adapter_config.json there")
+        from peft import PeftModel
+
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.load_adapter(path, adapter_name=name)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name)
+        served[name] = name
+    if served and default is None:
+        default = BASE_ADAPTER
+    loaded.model.eval()
+    name = served_model_name or (Path(str(ckpt_dir)).name if ckpt_dir else Path(str(loaded.model_dir)).name)
+    sm = ServedModel(loaded=loaded, name=name, adapters=served, default_adapter=default)
+    sm.vision_in_engine = _lora_in_vision(sm.model)
+    return sm
+
+
+def _lora_in_vision(model) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, LoraLayer) and ("vision_tower" in n or "multi_modal_projector" in n) for n, m in model.named_modules())
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine: prompt ids and, for images, features or pixels."""
+
+    input_ids: list[int]
+    image_tokens: int = 0
+    tiles: list[int] = field(default_factory=list)
+    image_features: object = None  # (tiles, tokens per tile, hidden) on the model device
+    pixel_values: object = None  # only when the vision tower must run in the engine (LoRA on it)
+
+
+def encode_images(sm: ServedModel, pixel_values, adapter: str | None = None):
+    """Vision tower + pixel shuffle + projector: (tiles, 3, H, W) -> (tiles, tokens per tile, hidden)."""
+    import torch
+
+    model, config = sm.model, sm.model.config
+    with torch.inference_mode(), sm.adapter_context(None if adapter is None else [adapter] * pixel_values.shape[0]):
+        out = model.model.get_image_features(
+            pixel_values=pixel_values.to(device=sm.device, dtype=model.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        )
+    return out.pooler_output
+
+
+def vision_features_off_thread(sm: ServedModel, pixel_values):
+    """encode_images for a preprocessing thread: on its own CUDA stream, finished before returning."""
+    import torch
+
+    if sm.device.type != "cuda":
+        return encode_images(sm, pixel_values)
+    stream = torch.cuda.Stream(device=sm.device)
+    with torch.cuda.stream(stream):
+        feats = encode_images(sm, pixel_values)
+    stream.synchronize()  # blocks this pool thread only; the engine's stream never waits on it
+    return feats
+
+
+_ids = itertools.count(1)
+
+
+class Handle:
+    """One request's channel out of the engine. `events()` (async) yields what the engine sends:
+    ("token", id, logprob), ("done", finish_reason), ("error", message)."""
+
+    def __init__(self, params: SamplingParams, adapter: str | None, prepared: Prepared, loop=None):
+        self.id = next(_ids)
+        self.params, self.adapter, self.prepared = params, adapter, prepared
+        self.cancelled = threading.Event()
+        self.loop = loop
+        if loop is not None:
+            import asyncio
+
+            self.queue = asyncio.Queue()
+        else:
+            self.queue = queue.Queue()
+        self.t_submit = time.monotonic()
+        self.t_first: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating at the next step boundary (client gone, stop sequence seen, timeout)."""
+        self.cancelled.set()
+
+    async def events(self):
+        """Yields ("token", id, logprob, finish_reason | None), then stops; or one ("done", reason) /
+        ("error", message). A token and the "done" after it arrive in one delivery, so the last token
+        carries its finish reason (TGI sends the last token and the final text in one event)."""
+        ahead = None
+        while True:
+            ev = ahead if ahead is not None else await self.queue.get()
+            ahead = None
+            if ev[0] != "token":
+                yield ev
+                return
+            if not self.queue.empty():
+                ahead = self.queue.get_nowait()
+            if ahead is not None and ahead[0] == "done":
+                yield ("token", ev[1], ev[2], ahead[1])
+                return
+            yield ("token", ev[1], ev[2], None)
+
+    def events_sync(self, timeout: float | None = None):
+        while True:
+            ev = self.queue.get(timeout=timeout)
+            yield ev
+            if ev[0] != "token":
+                return
+
+
+class _Row:
+    """Engine-side state of a running request."""
+
+    def __init__(self, handle: Handle):
+        self.handle = handle
+        self.state = RowState(handle.params, handle.prepared.input_ids)
+        self.pos = 0  # next position id = real tokens so far
+        self.last = 0  # the token fed to the next decode step
+        self.done = False
+
+
+# -------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Continuous batching over one model. `submit` is thread-safe; events go out through handles."""
+
+    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None):
+        self.sm = sm
+        self.max_batch_size = max_batch_size
+        self.metrics = metrics
+        self.stop_ids = list(sm.template.stop_token_ids or [])
+        if not self.stop_ids and sm.model.generation_config.eos_token_id is not None:
+            eos = sm.model.generation_config.eos_token_id
+            self.stop_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self._waiting: list[Handle] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._pending: list[tuple[Handle, tuple]] = []
+        self.steps = 0
+
+    # -- public
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, handle: Handle) -> Handle:
+        with self._cv:
+            if self._stopping:
+                raise EngineOverloaded("the server is shutting down")
+            self._waiting.append(handle)
+            self._cv.notify()
+        return handle
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Finish what is running and waiting, then stop the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch) if hasattr(self, "_batch") else 0
+
+    # -- the loop
+
+    def _run(self) -> None:
+        import torch
+
+        from .kvbatch import KVBatch
+
+        self._batch = KVBatch(self.sm.device)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._waiting and not len(self._batch) and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping and not self._waiting and not len(self._batch):
+                        break
+                    room = self.max_batch_size - len(self._batch)
+                    admit, self._waiting = self._waiting[:room], self._waiting[room:]
+                try:
+                    self._admit(admit)
+                    if len(self._batch):
+                        self._step()
+                except Exception as e:  # e.g. CUDA out of memory: fail the batch, keep serving
+                    log.exception("decode step failed; failing %d running request(s)", len(self._batch))
+                    for row in self._batch.rows:
+                        self._emit(row.handle, ("error", f"generation failed: {type(e).__name__}: {e}"))
+                    self._batch = KVBatch(self.sm.device)
+                self._flush()
+                self._gauges()
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._waiting))
+            self.metrics.running.set(len(self._batch))
+
+    def _admit(self, handles: list[Handle]) -> None:
+        rows, caches = [], []
+        for h in handles:
+            if h.cancelled.is_set():
+                self._emit(h, ("done", "cancelled"))
+                continue
+            row = _Row(h)
+            try:
+                cache = self._prefill(row)
+            except Exception as e:
+                log.exception("prefill failed for request %s", h.id)
+                self._emit(h, ("error", f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            if not row.done:
+                rows.append(row)
+                caches.append(cache)
+        self._batch.add(rows, caches)
+
+    def _adapters(self, rows) -> list[str] | None:
+        if self.sm.peft is None:
+            return None
+        return [r.handle.adapter or self.sm.default_adapter or BASE_ADAPTER for r in rows]
+
+    def _prefill(self, row: _Row):
+        """Run the prompt alone (batch 1, unpadded) and choose the first token; returns its KV per layer."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        p = row.handle.prepared
+        sm, device = self.sm, self.sm.device
+        adapters = self._adapters([row])
+        kwargs = {}
+        feats = p.image_features
+        if feats is None and p.pixel_values is not None:
+            feats = encode_images(sm, p.pixel_values, adapters[0] if adapters else None)
+        if feats is not None:
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+        n = len(p.input_ids)
+        ids = torch.tensor([p.input_ids], device=device)
+        cache = DynamicCache()
+        with sm.adapter_context(adapters):
+            out = sm.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(n, device=device)[None],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
+        row.pos = n
+        self._accept([row], out.logits[:, -1])
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _step(self) -> None:
+        import torch
+
+        batch, device = self._batch, self.sm.device
+        live = [i for i, r in enumerate(batch.rows) if not r.handle.cancelled.is_set()]
+        for i, r in enumerate(batch.rows):
+            if r.handle.cancelled.is_set():
+                self._emit(r.handle, ("done", "cancelled"))
+        batch.keep(live)
+        if not len(batch):
+            return
+        rows = batch.rows
+        ids = torch.tensor([[r.last] for r in rows], device=device)
+        pos = torch.tensor([[r.pos] for r in rows], device=device)
+        mask = batch.attention_mask(1)
+        with self.sm.adapter_context(self._adapters(rows)):
+            out = self.sm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=batch.cache(), use_cache=True, logits_to_keep=1)
+        batch.advance(1)
+        for r in rows:
+            r.pos += 1
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(rows))
+        self._accept(rows, out.logits[:, -1])
+        batch.keep([i for i, r in enumerate(rows) if not r.done])
+
+    def _accept(self, rows: list[_Row], logits) -> None:
+        tokens, logprobs = next_tokens(logits, [r.state for r in rows], self.stop_ids)
+        now = time.monotonic()
+        for r, tok, lp in zip(rows, tokens, logprobs):
+            r.state.generated.append(tok)
+            r.last = tok
+            h = r.handle
+            if h.t_first is None:
+                h.t_first = now
+            self._emit(h, ("token", tok, lp))
+            if tok in self.stop_ids:  # (masked out until min_new_tokens)
+                r.done = True
+                self._emit(h, ("done", "eos_token"))
+            elif len(r.state.generated) >= r.state.params.max_new_tokens:
+                r.done = True
+                self._emit(h, ("done", "length"))
+
+    # -- delivery: one call into each event loop per step, not one per token
+
+    def _emit(self, handle: Handle, event: tuple) -> None:
+        self._pending.append((handle, event))
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        by_loop: dict = {}
+        for h, ev in pending:
+            if h.loop is None:
+                h.queue.put(ev)
+            else:
+                by_loop.setdefault(h.loop, []).append((h, ev))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: its requests are gone
+                pass
+
+
+def _deliver(items) -> None:
+    for h, ev in items:
+        h.queue.put_nowait(ev)

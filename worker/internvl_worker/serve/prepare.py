@@ -1,0 +1,97 @@
+"""Stage 2a: a GenerationRequest -> Prepared (images fetched, tiled and encoded; prompt token ids).
+
+Runs in the preprocessing thread pool, never on the event loop or the engine thread: image URLs can take
+seconds, and the vision tower is the heaviest part of a prefill (12 tiles = 3,072 image tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..images import ImageError, load_image
+from ..templates import PromptTooLong, TemplateError
+from .engine import Prepared, ServedModel, vision_features_off_thread
+from .protocol import GenerationRequest, Limits, ServeError, fit_max_new_tokens, validation_error
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    max_image_bytes: int = 20 * 1024 * 1024
+    timeout: float = 10.0
+    allow_private_urls: bool = False  # in a cluster the server must not fetch from inside it
+
+
+def image_error(e: ImageError) -> ServeError:
+    """413 for an image over the byte limit, 422 for anything else wrong with it."""
+    msg = str(e)
+    if "-byte limit" in msg:
+        return ServeError(413, msg, "validation")
+    return validation_error(msg)
+
+
+def prepare(sm: ServedModel, req: GenerationRequest, limits: Limits, policy: ImagePolicy) -> Prepared:
+    template = sm.template
+    images = []
+    for src in req.conversation.images:
+        if not isinstance(src, str) or not src.startswith(("http://", "https://", "data:")):
+            # Never read the server's own files: a path in a request would be a file-disclosure hole.
+            raise validation_error(f"image {str(src)[:60]!r}: only http(s) and data:image URLs are accepted")
+        try:
+            images.append(load_image(src, timeout=policy.timeout, max_bytes=policy.max_image_bytes, allow_private_urls=policy.allow_private_urls))
+        except ImageError as e:
+            raise image_error(e) from None
+    pixel_values, tiles = template.tiler(images) if images else (None, [])
+    try:
+        encoded = template.encode(req.conversation, tiles, check_length=False)
+    except PromptTooLong as e:  # not raised with check_length=False; kept for a template that checks anyway
+        raise validation_error(str(e)) from None
+    except TemplateError as e:
+        raise validation_error(f"inputs: {e}") from None
+    fit_max_new_tokens(req.params, len(encoded.input_ids), limits)
+    prepared = Prepared(input_ids=encoded.input_ids, image_tokens=encoded.image_tokens, tiles=tiles)
+    if pixel_values is not None:
+        if sm.vision_in_engine:
+            prepared.pixel_values = pixel_values
+        else:
+            prepared.image_features = vision_features_off_thread(sm, pixel_values)
+    return prepared
+
+
+class IncrementalDecoder:
+    """Token ids -> text deltas, holding back a delta while it ends inside a multi-byte character.
+
+    Decoding only a window (from the last clean boundary) keeps each step O(1) rather than re-decoding
+    the whole answer; `finish()` returns what is left so the deltas always add up to the full text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.sent = ""
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.sent += delta
+            return delta
+        return ""
+
+    def full_text(self, ids: list[int] | None = None) -> str:
+        return self._decode(self.ids if ids is None else ids)
+
+    def finish(self, full: str) -> str:
+        """The rest of `full` after what was sent (empty when the deltas already cover it)."""
+        if full.startswith(self.sent):
+            rest = full[len(self.sent) :]
+            self.sent = full
+            return rest
+        return ""
