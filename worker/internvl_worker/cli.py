@@ -29,6 +29,12 @@ from .templates import TemplateError
 USER_ERRORS = (ModelLoadError, UnknownModelType, ImageError, TemplateError, RowError, FileNotFoundError)
 
 
+def _user_errors():
+    from .train import SftConfigError
+
+    return USER_ERRORS + (SftConfigError,)
+
+
 def str2bool(value: str) -> bool:
     v = str(value).strip().lower()
     if v in ("1", "true", "yes", "y", "on"):
@@ -143,12 +149,40 @@ def chat_loop(loaded, args, stdin=None, out=None) -> None:
         out.write("-" * 50 + "\n")
 
 
+def evaluate_val_split(loaded, args, out=None) -> int:
+    """`--load_dataset_config true`: answer every row of the run's saved validation split."""
+    from .data import read_dataset
+    from .modeling import resolve_checkpoint
+
+    out = out or sys.stdout
+    _, _, sft_args = resolve_checkpoint(args.ckpt_dir)
+    run_dir = Path(sft_args.get("run_dir") or Path(args.ckpt_dir).parent)
+    val_path = run_dir / "val_dataset.jsonl"
+    if not val_path.is_file() or not val_path.read_text().strip():
+        raise ModelLoadError(f"{val_path} is missing or empty: the run held out no validation rows (--dataset_test_ratio / --val_dataset)")
+    from .infer import inference
+
+    rows = read_dataset(val_path)
+    exact = 0
+    for row in rows:
+        *history, (query, label) = row.conversation.turns
+        response, _ = inference(loaded.model, loaded.template, query, [list(t) for t in history], images=row.conversation.images, system=row.conversation.system, **_generation(args))
+        exact += response.strip() == (label or "").strip()
+        out.write(f"[QUERY] {query}\n[RESPONSE] {response}\n[LABELS] {label}\n" + "-" * 50 + "\n")
+    out.write(f"{len(rows)} validation rows: {exact} exact matches ({exact / len(rows):.1%})\n")
+    return 0
+
+
 def cmd_infer(args) -> int:
     if args.seed is not None:
         from transformers import set_seed
 
         set_seed(args.seed)
+    if args.load_dataset_config and not args.ckpt_dir:
+        raise ModelLoadError("--load_dataset_config true needs --ckpt_dir (a checkpoint of an `internvl sft` run)")
     loaded = _load(args)
+    if args.load_dataset_config:
+        return evaluate_val_split(loaded, args)
     if args.query is not None:
         _answer(loaded, args.query, [], split_list(args.images) if args.images else [], args, sys.stdout)
         return 0
@@ -190,6 +224,30 @@ def cmd_data_check(args) -> int:
     return 1 if report.problems else 0
 
 
+# ----------------------------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args) -> int:
+    from .serve.app import ServeConfig, run
+    from .serve.engine import parse_adapters
+
+    try:
+        cfg = ServeConfig(
+            model_id_or_path=args.model_id_or_path, model_type=args.model_type, ckpt_dir=args.ckpt_dir, adapters=parse_adapters(args.adapters),
+            served_model_name=args.served_model_name, host=args.host, port=args.port, api_key_file=args.api_key_file,
+            max_concurrent_requests=args.max_concurrent_requests, max_batch_size=args.max_batch_size, max_input_tokens=args.max_input_tokens,
+            max_total_tokens=args.max_total_tokens, max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_body_bytes=args.max_body_bytes,
+            max_tiles=args.max_tiles, request_timeout=args.request_timeout, image_timeout=args.image_timeout,
+            allow_private_image_urls=args.allow_private_image_urls, dtype=args.dtype, use_flash_attn=args.use_flash_attn,
+            preprocess_workers=args.preprocess_workers, graceful_timeout=args.graceful_timeout,
+        )  # fmt: skip
+        cfg.validate()
+    except (ValueError, OSError) as e:
+        print(f"internvl serve: error: {e}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
 # ------------------------------------------------------------------------------------------ tiny, models
 
 
@@ -204,6 +262,11 @@ def cmd_tiny(args) -> int:
 
 
 def cmd_models(args) -> int:
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(s) for s in MODELS.values()], indent=2, ensure_ascii=False))
+        return 0
     for spec in MODELS.values():
         flags = " native" if spec.native else ""
         flags += f" {spec.quantization}" if spec.quantization else ""
@@ -233,6 +296,41 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- sft, export
+
+
+def launch_torchrun_if_asked(argv: list[str]) -> None:
+    """NPROC_PER_NODE=N internvl sft ... re-runs itself under torchrun with N processes (as ms-swift)."""
+    nproc = int(os.environ.get("NPROC_PER_NODE", "1") or 1)
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    for env, flag in (("NNODES", "--nnodes"), ("NODE_RANK", "--node_rank"), ("MASTER_ADDR", "--master_addr"), ("MASTER_PORT", "--master_port")):
+        if os.environ.get(env):
+            cmd.append(f"{flag}={os.environ[env]}")
+    cmd += ["-m", "internvl_worker.cli", *argv]
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    os.execv(sys.executable, cmd)
+
+
+def cmd_sft(args) -> int:
+    from .sft_args import from_namespace
+    from .train import run_sft
+
+    run_sft(from_namespace(args))
+    return 0
+
+
+def cmd_export(args) -> int:
+    if not args.merge_lora:
+        raise ModelLoadError("nothing to do: pass --merge_lora true")
+    from .export import merge_lora
+
+    path = merge_lora(args.ckpt_dir, output_dir=args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model written to {path}", file=sys.stderr)
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- parser
 
 
@@ -254,7 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query", help="answer this query and exit (no interactive chat)")
     g.add_argument("--images", help="comma-separated image paths or URLs for --query")
     p.add_argument("--image_timeout", type=float, default=10.0, help="seconds to wait for an image URL")
+    p.add_argument("--load_dataset_config", type=str2bool, default=False, metavar="BOOL", help="with --ckpt_dir: answer the run's held-out validation rows and report exact matches")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("sft", help="fine-tune (LoRA or full; one GPU, NPROC_PER_NODE=N for DDP, --deepspeed for ZeRO)", description="Supervised fine-tuning as `swift sft`. Several GPUs: NPROC_PER_NODE=2 internvl sft ... (DDP; add --deepspeed default-zero2), or torchrun ... -m internvl_worker.cli sft. Checkpoints go to <output_dir>/<model_type>/v<N>-<time>/checkpoint-<step>; one JSON progress line per logging step goes to stdout and logging.jsonl.")
+    from .sft_args import add_sft_arguments
+
+    add_sft_arguments(p, str2bool)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("export", help="merge a LoRA checkpoint into its base model", description="Merge LoRA weights as `swift export --merge_lora true`: writes <ckpt>-merged (or <output_dir>/merged) atomically.")
+    p.add_argument("--ckpt_dir", required=True, help="a LoRA checkpoint directory, or `latest` (the newest under --output_dir)")
+    p.add_argument("--merge_lora", type=str2bool, default=False, metavar="BOOL", help="must be true")
+    p.add_argument("--output_dir", default=None, help="write <output_dir>/merged instead of <ckpt>-merged; with --ckpt_dir latest, the run to search")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="dtype of the merged weights (default bf16)")
+    p.add_argument("--overwrite", type=str2bool, default=False, metavar="BOOL", help="merge again even if a complete merge exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -265,6 +378,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image_timeout", type=float, default=10.0, help="seconds to wait for an image URL")
     c.set_defaults(func=cmd_data_check)
 
+    p = sub.add_parser("serve", help="serve a model over HTTP: the TGI and OpenAI chat-completions protocols", description="HTTP server for InternVL: TGI routes (/, /generate, /generate_stream, /info), OpenAI /v1/chat/completions with image_url parts, /v1/models, /health (liveness), /ready (readiness after a warm-up image+text request), /metrics. Concurrent requests share the model through continuous batching. See worker/internvl_worker/serve/README.md.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_id_or_path", help="local model directory (transformers-native InternVL), merged model, or hub id")
+    g.add_argument("--model_type", help="a registered model type (`internvl models`); read from the checkpoint when omitted")
+    g.add_argument("--ckpt_dir", help="a LoRA checkpoint (served as the default model on top of its base) or a merged/full model directory")
+    g.add_argument("--adapters", default=None, help="more LoRA adapters, selectable per request: name=/path[,name2=/path2] (OpenAI `model`, TGI `parameters.adapter_id`)")
+    g.add_argument("--served-model-name", dest="served_model_name", default=None, help="the name clients use for the base model (default: the model directory's name)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
+    g.add_argument("--use_flash_attn", type=str2bool, default=None, metavar="BOOL", help="flash-attn 2 when installed; SDPA otherwise (default)")
+    g.add_argument("--max-tiles", "--max_num", dest="max_tiles", type=positive_int, default=None, help="max 448-px tiles per image (default: the model's, usually 12)")
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="0.0.0.0")
+    g.add_argument("--port", type=int, default=8080)
+    g.add_argument("--api-key-file", dest="api_key_file", default=None, help="require `Authorization: Bearer <key>` with a key from this file (one per line); /health, /ready, /metrics stay open")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-concurrent-requests", dest="max_concurrent_requests", type=positive_int, default=128, help="requests in flight (preparing, waiting, generating) before new ones get 429")
+    g.add_argument("--max-batch-size", dest="max_batch_size", type=positive_int, default=32, help="requests decoded together in one step; the rest wait their turn")
+    g.add_argument("--max-input-tokens", dest="max_input_tokens", type=positive_int, default=8192, help="prompt tokens, images included (256 per 448-px tile); longer prompts get 422")
+    g.add_argument("--max-total-tokens", dest="max_total_tokens", type=positive_int, default=None, help="prompt + generated tokens (default: max input tokens + 2048)")
+    g.add_argument("--max-images", dest="max_images", type=positive_int, default=8, help="images per request")
+    g.add_argument("--max-image-bytes", dest="max_image_bytes", type=positive_int, default=20 * 1024 * 1024, help="bytes per image (data URL or fetched); larger gets 413")
+    g.add_argument("--max-body-bytes", dest="max_body_bytes", type=positive_int, default=None, help="request body size (default: room for --max-images base64 images); larger gets 413")
+    g.add_argument("--request-timeout", dest="request_timeout", type=float, default=600.0, help="seconds a request may take in all before it is cut off with 504")
+    g.add_argument("--image-timeout", dest="image_timeout", type=float, default=10.0, help="seconds to fetch one image URL")
+    g.add_argument("--allow-private-image-urls", dest="allow_private_image_urls", action="store_true", help="fetch image URLs that resolve to private, loopback or link-local addresses (refused by default: the server must not be a proxy into its cluster)")
+    g.add_argument("--preprocess-workers", dest="preprocess_workers", type=positive_int, default=4, help="threads that fetch, decode and tile images and run the vision tower")
+    g.add_argument("--graceful-timeout", dest="graceful_timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("tiny", help="write a tiny random InternVL checkpoint (for tests and trials)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -272,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("models", help="list the registered model types")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="build the tiny model and answer a question about an image (no GPU, no cluster)")
@@ -283,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("INTERNVL_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sft"]:
+        launch_torchrun_if_asked(argv)
     args = build_parser().parse_args(argv)
     try:
         from transformers.utils import logging as hf_logging
@@ -292,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         print(f"internvl: error: {e}", file=sys.stderr)
         return 2
 

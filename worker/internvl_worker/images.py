@@ -152,8 +152,9 @@ def load_image(src, *, base_dir: str | Path | None = None, timeout: float = 10.0
     return open_image_bytes(path.read_bytes(), repr(src))
 
 
-def image_size(src, *, base_dir: str | Path | None = None, **kw) -> tuple[int, int]:
-    """(width, height) after EXIF orientation; reads only the header for local files."""
+def image_size(src, *, base_dir: str | Path | None = None, verify: bool = True, **kw) -> tuple[int, int]:
+    """(width, height) after EXIF orientation. Local files: the header, plus a full decode when `verify`
+    (so truncated files are caught); URLs are fetched and decoded."""
     if isinstance(src, Image.Image):
         return src.size
     s = str(src)
@@ -170,10 +171,11 @@ def image_size(src, *, base_dir: str | Path | None = None, **kw) -> tuple[int, i
             orientation = img.getexif().get(0x0112, 1)
             if w * h > MAX_IMAGE_PIXELS:
                 raise ImageError(f"image {s!r}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit")
-            # Decode it all, so truncated files are caught here and not in the middle of training;
-            # JPEGs decode at 1/8 scale (draft mode), which reads every byte at a fraction of the cost.
-            img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-            img.load()
+            if verify:
+                # Decode it all, so truncated files are caught here and not in the middle of training;
+                # JPEGs decode at 1/8 scale (draft mode), which reads every byte at a fraction of the cost.
+                img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                img.load()
     except UnidentifiedImageError:
         raise ImageError(f"image {s!r}: not a readable image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

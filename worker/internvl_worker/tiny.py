@@ -96,6 +96,7 @@ def random_model(shape: str = "tiny", *, seed: int = 0, tokenizer=None):
         vocab_size=s["vocab_size"] or len(tokenizer),
         max_position_embeddings=32768,
         tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
         **s["text"],

@@ -1,0 +1,531 @@
+"""`internvl sft`: supervised fine-tuning of InternVL (LoRA or full; one GPU, DDP, DeepSpeed ZeRO-2/3).
+
+    internvl sft --model_type internvl3-1b --model_id_or_path /models/InternVL3-1B-hf --dataset train.jsonl
+    NPROC_PER_NODE=2 internvl sft ... --deepspeed default-zero2        # starts torchrun itself
+    torchrun --nproc_per_node 8 --nnodes 2 --node_rank $RANK --master_addr $ADDR -m internvl_worker.cli sft ...
+
+Setup -> train -> save, on transformers' Trainer (DeepSpeed, DDP, resume, scheduling) with our pieces:
+datasets that decode and tile images inside DataLoader workers, a vision pass for image-free batches
+(so DDP/ZeRO see every trainable parameter used), a guard that skips steps with non-finite gradients,
+checkpoints staged and renamed into place, and one JSON progress line per logging step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoints as ckpt
+from .data import RowError, read_dataset
+from .fsutil import write_json_atomic
+from .images import load_image
+from .modeling import load_model, torch_dtype
+from .registry import META_FILE, write_meta
+from .sft_args import DEEPSPEED_PRESETS, SftArguments
+from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
+
+log = logging.getLogger(__name__)
+
+
+class SftConfigError(ValueError):
+    pass
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def rank_info() -> tuple[int, int, int]:
+    """(global rank, local rank, world size) from torchrun's environment; (0, 0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_numerics() -> None:
+    # torch 2.11+ on H100/H200: the cuDNN SDPA backward returns NaN gradients when the padded length is
+    # 64 mod 128 and a mask is passed (pytorch#196678); a naive 1B LoRA run went NaN at step 28. The
+    # flash and memory-efficient SDPA kernels are unaffected, so take cuDNN out of SDPA's choices.
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class SftDataset(torch.utils.data.Dataset):
+    """Rows -> {input_ids, labels, pixel_values}; images are decoded and tiled here (in workers)."""
+
+    def __init__(self, rows, template, lengths: list[int]):
+        self.rows, self.template, self.lengths = rows, template, lengths
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        conv = self.rows[i].conversation
+        images = [load_image(src) for src in conv.images]
+        pixel_values, tiles = self.template.tiler(images) if images else (None, [])
+        enc = self.template.encode(conv, tiles, check_length=False)
+        return {"input_ids": torch.tensor(enc.input_ids), "labels": torch.tensor(enc.labels), "pixel_values": pixel_values}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad to the longest row; concatenate all tiles of the batch in row order."""
+    longest = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for k, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[k, :n], labels[k, :n], attention_mask[k, :n] = b["input_ids"], b["labels"], 1
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    tiles = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    if tiles:
+        out["pixel_values"] = torch.cat(tiles)
+    return out
+
+
+def measure_rows(rows, template, *, max_length: int, rank: int) -> tuple[list, list[int], int]:
+    """(kept rows, their token lengths, dropped count): rows over max_length are dropped (ms-swift's
+    `truncation_strategy delete`); cutting a row would cut image tokens or the answer."""
+    from tqdm import tqdm
+
+    from .images import image_size
+
+    kept, lengths, dropped = [], [], 0
+    for row in tqdm(rows, desc="measuring rows", unit="row", disable=rank != 0 or not sys.stderr.isatty(), leave=False):
+        conv = row.conversation
+        try:
+            tiles = [template.tiler.num_tiles(*image_size(src, verify=False)) for src in conv.images]
+            n = len(template.encode(conv, tiles, check_length=False))
+        except (TemplateError, ValueError) as e:
+            raise RowError(f"{row.where}: {e} (run `internvl data check` to list every bad row)") from None
+        if n > max_length:
+            dropped += 1
+            continue
+        kept.append(row)
+        lengths.append(n)
+    return kept, lengths, dropped
+
+
+def split_rows(rows: list, ratio: float, seed: int) -> tuple[list, list]:
+    """Hold out round(ratio * n) rows (at least 1 when ratio > 0 and n >= 10) for validation."""
+    n_val = max(1, round(len(rows) * ratio)) if ratio > 0 and len(rows) >= 10 else 0
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
+
+
+def write_rows_jsonl(path: Path, rows) -> None:
+    lines = []
+    for r in rows:
+        c = r.conversation
+        *history, (query, response) = c.turns
+        obj = {"query": query, "response": response, "history": [list(t) for t in history], "images": list(c.images)}
+        if c.system is not None:
+            obj["system"] = c.system
+        lines.append(json.dumps(obj, ensure_ascii=False))
+    from .fsutil import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def lora_target_modules(model, targets: str, default_regex: str):
+    """DEFAULT -> the model type's regex (LLM q/k/v); ALL -> every Linear except the output head."""
+    if targets == "DEFAULT":
+        return default_regex
+    if targets == "ALL":
+        return sorted({name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+def prepare_trainable(model, args: SftArguments, spec):
+    """Freeze what stays fixed, wrap LoRA, and check that something trains."""
+    vision_prefixes = ("model.vision_tower", "vision_tower")
+    aligner_prefixes = ("model.multi_modal_projector", "multi_modal_projector")
+    if args.sft_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = lora_target_modules(model, args.lora_target_modules, spec.lora_targets)
+        if args.freeze_vit and isinstance(targets, list) and args.lora_target_modules == "ALL":
+            # ALL means the vision tower too (ms-swift); --freeze_vit true keeps its LoRA out.
+            targets = [t for t in targets if not t.startswith(vision_prefixes)]
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets,
+            modules_to_save=None if args.freeze_aligner else ["multi_modal_projector"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    else:
+        for name, p in model.named_parameters():
+            frozen = (args.freeze_vit and name.startswith(vision_prefixes)) or (args.freeze_aligner and name.startswith(aligner_prefixes))
+            p.requires_grad_(not frozen)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable == 0:
+        raise SftConfigError(f"no parameter is trainable (--sft_type {args.sft_type}, --lora_target_modules {args.lora_target_modules}): no module matched")
+    log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    return model, trainable, total
+
+
+def deepspeed_config(name: str | None) -> dict | str | None:
+    """Built-in ZeRO configs; "auto" values are filled by the Trainer from our arguments."""
+    if name is None:
+        return None
+    if name not in DEEPSPEED_PRESETS:
+        return name  # a user's JSON file
+    stage = 2 if name == "default-zero2" else 3
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    if stage == 2:
+        # ZeRO-2 shards gradients and optimizer state; weights stay whole on every GPU.
+        zero.update(allgather_partitions=True, allgather_bucket_size=2e8, reduce_scatter=True)
+    else:
+        # ZeRO-3 shards the weights too; gather them whole when saving so checkpoints load anywhere.
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+def make_trainer_class():
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ProgressLog(TrainerCallback):
+        """One JSON line per logging step on stdout and in <run>/logging.jsonl; a bar on stderr."""
+
+        def __init__(self, trainer, run_dir: Path):
+            self.trainer, self.path, self.bar = trainer, run_dir / "logging.jsonl", None
+            self.t0, self.tokens0, self.step0 = time.perf_counter(), 0, 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero and sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", file=sys.stderr)
+            self.step0 = state.global_step
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.perf_counter()
+            tr = self.trainer
+            world = args.world_size
+            steps = max(1, state.global_step - self.step0)
+            elapsed = max(1e-9, now - self.t0)
+            kind = "eval" if any(k.startswith("eval_") for k in logs) else "summary" if "train_runtime" in logs else "progress"
+            record = {"event": kind, "step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0, 4)}
+            for key, value in logs.items():
+                if isinstance(value, (int, float)) and key != "total_flos":
+                    record[key if key != "learning_rate" else "lr"] = round(value, 8) if isinstance(value, float) else value
+            if record["event"] == "progress":
+                record["samples_per_s"] = round(steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * world / elapsed, 3)
+                record["tokens_per_s"] = round((tr.tokens_seen - self.tokens0) * world / elapsed, 1)
+                record["skipped_steps"] = tr.skipped_steps
+                if torch.cuda.is_available():
+                    record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                self.t0, self.tokens0, self.step0 = now, tr.tokens_seen, state.global_step
+            line = json.dumps(record)
+            print(line, flush=True)
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    class InternVLTrainer(Trainer):
+        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, **kw):
+            super().__init__(*a, **kw)
+            self.run_dir, self.save_extras, self.keep_checkpoints = run_dir, save_extras, keep_checkpoints
+            self.max_nonfinite_steps = max_nonfinite_steps
+            self.tokens_seen = 0
+            self.skipped_steps = 0
+            self._bad_in_a_row = 0
+            self.vision_trainable = any(
+                p.requires_grad for n, p in self.model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n
+            )
+            for printer in (PrinterCallback, ProgressCallback):  # replaced by ProgressLog's JSON lines and bar
+                self.remove_callback(printer)
+            self.add_callback(ProgressLog(self, run_dir))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.tokens_seen += int(inputs["attention_mask"].sum())
+            outputs = model(**inputs)
+            loss = outputs.loss
+            if "pixel_values" not in inputs and self.vision_trainable:
+                # No image in this batch: still run the vision tower on one blank tile (weight 0), so DDP
+                # and ZeRO see a gradient for every trainable vision parameter on every rank.
+                loss = loss + 0.0 * self._blank_image_features(model).sum()
+            return (loss, outputs) if return_outputs else loss
+
+        def _blank_image_features(self, model):
+            inner = self.accelerator.unwrap_model(model)
+            base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+            size = base.config.vision_config.image_size
+            size = size[0] if isinstance(size, (list, tuple)) else size
+            param = next(base.model.vision_tower.parameters())
+            blank = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+            return base.model.get_image_features(pixel_values=blank).pooler_output
+
+        def create_optimizer(self, *a, **kw):
+            optimizer = super().create_optimizer(*a, **kw)
+            if not self.is_deepspeed_enabled and not getattr(optimizer, "_nonfinite_guard", False):
+                self._guard_optimizer(optimizer)
+            return optimizer
+
+        def _guard_optimizer(self, optimizer):
+            """Skip a step whose gradients hold inf/nan (one bad batch must not poison the weights);
+            stop after `max_nonfinite_steps` such steps in a row. DDP has already all-reduced the
+            gradients, so every rank takes the same decision."""
+            step = optimizer.step
+
+            def guarded_step(closure=None):
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                finite = True
+                if grads:
+                    norms = torch._foreach_norm(grads)  # one fused pass; a single sync below
+                    finite = bool(torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all())
+                if finite:
+                    self._bad_in_a_row = 0
+                    return step(closure) if closure is not None else step()
+                self.skipped_steps += 1
+                self._bad_in_a_row += 1
+                optimizer.zero_grad(set_to_none=True)
+                if self.args.process_index == 0:
+                    print(json.dumps({"event": "skipped_step", "step": self.state.global_step + 1, "reason": "non-finite gradients", "in_a_row": self._bad_in_a_row}), flush=True)
+                if self._bad_in_a_row >= self.max_nonfinite_steps:
+                    raise TrainingDiverged(f"{self._bad_in_a_row} optimizer steps in a row had non-finite gradients; stopping (lower --learning_rate, check the data)")
+                return None
+
+            optimizer.step = guarded_step
+            optimizer._nonfinite_guard = True
+
+        def _save_checkpoint(self, model, trial):
+            """Write into .staging/checkpoint-N, then rename to checkpoint-N once every rank is done."""
+            step = self.state.global_step
+            staging_root = self.run_dir / ckpt.STAGING
+            final = self.run_dir / f"checkpoint-{step}"
+            if self.args.should_save and (staging_root / final.name).exists():
+                shutil.rmtree(staging_root / final.name)
+            original = self._get_output_dir
+            self._get_output_dir = lambda trial=None: str(staging_root)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._get_output_dir = original
+            if self.args.should_save:
+                self.save_extras(staging_root / final.name)
+            if os.environ.get("INTERNVL_FAULT_KILL_IN_SAVE_STEP") == str(step):
+                os._exit(137)  # fault injection for tests: die like a SIGKILL between writing and renaming
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                if final.exists():  # a re-save of the same step after a resume
+                    shutil.rmtree(final)
+                os.replace(staging_root / final.name, final)
+                ckpt.record_latest(self.run_dir, final)
+                print(json.dumps({"event": "checkpoint", "step": step, "path": str(final)}), flush=True)
+                if self.keep_checkpoints:
+                    for old in ckpt.checkpoints(self.run_dir)[: -self.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+
+    return InternVLTrainer
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def resolve_run_dir(args: SftArguments, model_type: str) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None)."""
+    resume = None
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        resume = Path(args.resume_from_checkpoint)
+        if not resume.is_dir():
+            raise SftConfigError(f"--resume_from_checkpoint {str(resume)!r} does not exist")
+        return resume.parent, resume
+    if not args.add_output_dir_suffix:
+        run_dir = Path(args.output_dir)
+        if args.resume_from_checkpoint == "latest":
+            resume = ckpt.latest_checkpoint(run_dir)
+        return run_dir, resume
+    if args.resume_from_checkpoint == "latest":
+        previous = ckpt.latest_run_dir(args.output_dir, model_type)
+        if previous is not None:
+            return previous, ckpt.latest_checkpoint(previous)
+    return ckpt.new_run_dir(args.output_dir, model_type), None
+
+
+def run_sft(args: SftArguments) -> Path:
+    """Train; returns the last checkpoint directory."""
+    from transformers import TrainingArguments, set_seed
+
+    problems = args.validate()
+    if problems:
+        raise SftConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+    rank, local_rank, world = rank_info()
+    setup_numerics()
+    set_seed(args.seed)
+    on_gpu = torch.cuda.is_available()
+    if args.deepspeed and not on_gpu:
+        raise SftConfigError("--deepspeed needs CUDA GPUs")
+
+    # Model. Full fine-tuning without DeepSpeed keeps fp32 master weights and runs in bf16 autocast;
+    # LoRA keeps the frozen base in bf16 (PEFT makes the adapters fp32); DeepSpeed keeps its own fp32 copy.
+    compute = torch_dtype(args.dtype)
+    load_dtype = "fp32" if (args.sft_type == "full" and not args.deepspeed) or compute == torch.float32 else {torch.bfloat16: "bf16", torch.float16: "fp16"}[compute]
+    device_map = {"": local_rank} if on_gpu and (world > 1 or args.deepspeed) else None
+    loaded = load_model(
+        args.model_id_or_path,
+        model_type=args.model_type,
+        dtype=load_dtype,
+        use_flash_attn=args.use_flash_attn,
+        device_map=device_map,
+        max_length=args.max_length,
+        max_tiles=args.max_num,
+    )
+    spec, template, tokenizer = loaded.spec, loaded.template, loaded.template.tokenizer
+    run_dir, resume = resolve_run_dir(args, spec.model_type)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir / ckpt.STAGING, ignore_errors=True)  # a save that was cut off
+
+    # Data: measure every row once (tiles from image headers), drop rows over max_length, split.
+    train_rows = read_dataset(args.dataset)
+    if args.val_dataset:
+        val_rows = read_dataset(args.val_dataset)
+    else:
+        train_rows, val_rows = split_rows(train_rows, args.dataset_test_ratio, args.seed)
+    train_rows, train_lengths, dropped = measure_rows(train_rows, template, max_length=args.max_length, rank=rank)
+    val_rows, val_lengths, val_dropped = measure_rows(val_rows, template, max_length=args.max_length, rank=rank)
+    if dropped or val_dropped:
+        log.warning("dropped %d training and %d validation rows over --max_length %d", dropped, val_dropped, args.max_length)
+    if not train_rows:
+        raise SftConfigError(f"no training rows left (dropped {dropped} over --max_length {args.max_length})")
+
+    model = loaded.model
+    model.config.use_cache = False
+    model, trainable, total = prepare_trainable(model, args, spec)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    sft_args = args.to_json() | {
+        "model_type": spec.model_type,
+        "model_id_or_path": str(loaded.model_dir.resolve()),
+        "template": spec.template,
+        "run_dir": str(run_dir.resolve()),
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "dropped_rows": dropped + val_dropped,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "world_size": world,
+    }
+    if rank == 0:
+        write_json_atomic(run_dir / "sft_args.json", sft_args)
+        write_rows_jsonl(run_dir / "val_dataset.jsonl", val_rows)
+
+    def save_extras(checkpoint_dir: Path) -> None:
+        """What makes a checkpoint self-describing: model type, args, image processor config."""
+        write_json_atomic(checkpoint_dir / "sft_args.json", sft_args)
+        write_meta(checkpoint_dir, model_type=spec.model_type)
+        pre = loaded.model_dir / "preprocessor_config.json"
+        if pre.is_file():
+            shutil.copy(pre, checkpoint_dir / pre.name)
+
+    grad_accum = args.resolved_grad_accum(world)
+    bf16 = on_gpu and compute == torch.bfloat16
+    training_args = TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=args.resolved_learning_rate(),
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler_type,
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if val_rows else "no",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps or args.eval_steps,
+        save_total_limit=None,  # we rotate complete checkpoints ourselves after the rename
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=bf16,
+        fp16=on_gpu and compute == torch.float16,
+        use_cpu=not on_gpu,
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_persistent_workers=args.dataloader_num_workers > 0,
+        remove_unused_columns=False,
+        report_to=[],
+        deepspeed=deepspeed_config(args.deepspeed),
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+    trainer_cls = make_trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=SftDataset(train_rows, template, train_lengths),
+        eval_dataset=SftDataset(val_rows, template, val_lengths) if val_rows else None,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        run_dir=run_dir,
+        save_extras=save_extras,
+        max_nonfinite_steps=args.max_nonfinite_steps,
+        keep_checkpoints=args.save_total_limit,
+    )
+    if rank == 0:
+        print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    last = run_dir / f"checkpoint-{trainer.state.global_step}"
+    if not last.is_dir():
+        trainer._save_checkpoint(trainer.model, None)
+    if rank == 0:
+        print(json.dumps({"event": "done", "checkpoint": str(last), "step": trainer.state.global_step}), flush=True)
+    return last
