@@ -1,0 +1,107 @@
+"""Functional GPU check of `internvl sft` on the InternVL3-1B layout (random weights): LoRA and full on one
+GPU, DDP LoRA and ZeRO-2 full on two. Records loss (first/last), samples/s, real tokens/s and peak memory.
+
+    python bench/train_check.py --steps 30 --out /tmp/train-check      # on the device machine
+
+This is the fine-tuning issue's record (the recipes run and learn on a real shape), not the speed
+benchmark: bench/train_bench.py compares against the naive baseline in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def card_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout.splitlines()[0].strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "cpu"
+
+
+def summarize(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    progress = [r for r in records if r["event"] == "progress" and "loss" in r]
+    steady = progress[1:] or progress  # the first window holds start-up (compilation, caches)
+    return {
+        "loss_first": progress[0]["loss"],
+        "loss_last": progress[-1]["loss"],
+        "samples_per_s": round(sum(r["samples_per_s"] for r in steady) / len(steady), 3),
+        "real_tokens_per_s": round(sum(r["tokens_per_s"] for r in steady) / len(steady), 1),
+        "peak_mem_gb": max(r.get("gpu_mem_gb", 0) for r in progress),
+        "skipped_steps": progress[-1].get("skipped_steps", 0),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--out", default="/tmp/train-check")
+    ap.add_argument("--only", default="", help="comma-separated config names to run")
+    args = ap.parse_args()
+    out = Path(args.out)
+    model_dir, data_dir = out / "model-1b", out / "data"
+    sys.path.insert(0, str(ROOT / "tests" / "worker"))
+    from synth import color_dataset
+
+    if not (model_dir / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "internvl_worker", "tiny", "--shape", "internvl3-1b", "--output_dir", str(model_dir)], check=True)
+    data = color_dataset(data_dir, args.rows, seed=0)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    common = ["--model_id_or_path", str(model_dir), "--dataset", str(data), "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
+              "--gradient_accumulation_steps", "1", "--logging_steps", "5", "--save_steps", str(args.steps), "--eval_steps", str(args.steps),
+              "--dataset_test_ratio", "0", "--gradient_checkpointing", "false", "--add_output_dir_suffix", "false", "--max_length", "4096"]  # fmt: skip
+    configs = {
+        "lora-1gpu": (1, ["--sft_type", "lora", "--learning_rate", "1e-4"]),
+        "full-1gpu": (1, ["--sft_type", "full", "--learning_rate", "1e-5"]),
+        "lora-ddp-2gpu": (2, ["--sft_type", "lora", "--learning_rate", "1e-4"]),
+        "full-zero2-2gpu": (2, ["--sft_type", "full", "--learning_rate", "1e-5", "--deepspeed", "default-zero2"]),
+    }
+    wanted = set(filter(None, args.only.split(",")))
+    results = {}
+    for name, (nproc, extra) in configs.items():
+        if (wanted and name not in wanted) or nproc > gpus:
+            continue
+        env = dict(os.environ, NPROC_PER_NODE=str(nproc), CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(nproc)))
+        cmd = [sys.executable, "-m", "internvl_worker", "sft", *common, "--output_dir", str(out / name), *extra]
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        (out / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        if proc.returncode != 0:
+            results[name] = {"error": proc.stderr.strip().splitlines()[-5:], "returncode": proc.returncode}
+            print(name, "FAILED", "\n".join(proc.stderr.strip().splitlines()[-15:]), flush=True)
+            continue
+        results[name] = {"gpus": nproc, "wall_s": round(time.time() - t0, 1), **summarize(out / name)}
+        print(name, json.dumps(results[name]), flush=True)
+    card = card_name()
+    record = {
+        "card": card,
+        "command": "python bench/train_check.py " + " ".join(sys.argv[1:]),
+        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
+        "date": date.today().isoformat(),
+        "config": {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps, "attention": "sdpa", "gradient_checkpointing": False},
+        "baselines": {},
+        "ours": results,
+        "ratios": {},
+    }
+    path = out / f"train-check-{card.replace(' ', '-')}-{record['date']}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print("wrote", path)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
