@@ -66,6 +66,14 @@ else serviceAccount.name (which must then exist), else "default".
 {{- end }}
 
 {{/*
+Name of the metrics Service: a Service name is a DNS-1035 label (63 characters), so the full name is
+cut to 55 to leave room for "-metrics".
+*/}}
+{{- define "internvl-operator.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "internvl-operator.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 The operator image: repository@digest when a digest is pinned, else repository:tag (tag defaults to
 the chart's appVersion).
 */}}
