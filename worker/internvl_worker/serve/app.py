@@ -257,6 +257,7 @@ class Collector:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.stop_at: int | None = None  # where the stop sequence starts in the text
+        self.last_token: dict | None = None
 
     def token(self, token_id: int, logprob: float) -> dict:
         self.ids.append(token_id)
@@ -270,11 +271,19 @@ class Collector:
             if at != -1:
                 self.finish_reason, self.stop_at = "stop_sequence", at
                 break
-        return tgi_token(token_id, text, logprob, special)
+        self.last_token = tgi_token(token_id, text, logprob, special)
+        return self.last_token
 
     def result(self, reason: str) -> Generated:
         reason = self.finish_reason or reason
         text = self.dec.full_text()
+        # Bytes held back at the end (an unfinished multi-byte character) go out with the last token,
+        # so the token texts always add up to the generated text.
+        tail = self.dec.finish(text)
+        if tail and self.texts:
+            self.texts[-1] += tail
+            if self.last_token is not None:
+                self.last_token["text"] = self.texts[-1]
         if reason == "stop_sequence" and self.cut_stop and self.stop_at is not None:
             text = text[: self.stop_at]
         p = self.greq.params
