@@ -160,7 +160,8 @@ def encode_images(sm: ServedModel, pixel_values, adapter: str | None = None):
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             return_dict=True,
         )
-    return out.pooler_output
+    # 5.24 returns an output object (features in pooler_output); earlier 5.x the features tensor itself
+    return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
 def vision_features_off_thread(sm: ServedModel, pixel_values):
@@ -258,6 +259,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._pending: list[tuple[Handle, tuple]] = []
         self.steps = 0
+        # transformers renamed `past_key_values` to `cache` during 5.x (the GPU image has 5.17, we 5.24)
+        import inspect
+
+        params = inspect.signature(type(sm.model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- public
 
@@ -350,29 +356,33 @@ class Engine:
         """Run the prompt alone (batch 1, unpadded) and choose the first token; returns its KV per layer."""
         import torch
         from transformers.cache_utils import DynamicCache
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         p = row.handle.prepared
         sm, device = self.sm, self.sm.device
         adapters = self._adapters([row])
-        kwargs = {}
         feats = p.image_features
         if feats is None and p.pixel_values is not None:
             feats = encode_images(sm, p.pixel_values, adapters[0] if adapters else None)
-        if feats is not None:
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
         n = len(p.input_ids)
         ids = torch.tensor([p.input_ids], device=device)
         cache = DynamicCache()
         with sm.adapter_context(adapters):
+            # The image features go in as embeddings, as the model's own forward puts them (masked_scatter
+            # over the <IMG_CONTEXT> positions); done here so it works on every transformers 5.x.
+            embeds = sm.model.get_input_embeddings()(ids)
+            if feats is not None:
+                slots = ids[0] == sm.model.config.image_token_id
+                feats = feats.reshape(-1, feats.shape[-1])
+                if int(slots.sum()) != feats.shape[0]:
+                    raise EngineError(f"image tokens in the prompt ({int(slots.sum())}) != image features ({feats.shape[0]})")
+                embeds = embeds.masked_scatter(slots[None, :, None].expand_as(embeds), feats.to(embeds.device, embeds.dtype))
             out = sm.model(
-                input_ids=ids,
+                inputs_embeds=embeds,
                 attention_mask=torch.ones_like(ids),
                 position_ids=torch.arange(n, device=device)[None],
-                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **kwargs,
+                **{self._cache_kw: cache},
             )
         row.pos = n
         self._accept([row], out.logits[:, -1])
@@ -394,7 +404,7 @@ class Engine:
         pos = torch.tensor([[r.pos] for r in rows], device=device)
         mask = batch.attention_mask(1)
         with self.sm.adapter_context(self._adapters(rows)):
-            out = self.sm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=batch.cache(), use_cache=True, logits_to_keep=1)
+            out = self.sm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache()})
         batch.advance(1)
         for r in rows:
             r.pos += 1

@@ -59,8 +59,10 @@ def _layer_class():
         def get_seq_length(self) -> int:
             return self.length
 
-        def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-            return self.length + query_length, 0
+        def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+            # transformers 5.24 passes the query length; earlier 5.x the cache_position tensor
+            q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+            return self.length + q, 0
 
     return BatchLayer
 
