@@ -173,12 +173,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_env() -> dict:
+    """The environment for `python -m internvl_worker` subprocesses: this checkout's worker/ importable."""
+    path = os.pathsep.join(p for p in (str(ROOT / "worker"), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def start_server(args, model_dir: str, port: int, log_path: Path) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "internvl_worker", "serve", "--model_id_or_path", model_dir, "--host", "127.0.0.1", "--port", str(port),
         "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--max-concurrent-requests", str(max(256, 4 * max(args.concurrency_levels))),
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = worker_env()
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env)
@@ -326,7 +332,7 @@ def main(argv=None) -> int:
     model_dir = args.model_dir
     if model_dir is None:
         model_dir = str(work / f"model-{args.shape}")
-        subprocess.run([sys.executable, "-m", "internvl_worker", "tiny", "--shape", args.shape, "--output_dir", model_dir], check=True)
+        subprocess.run([sys.executable, "-m", "internvl_worker", "tiny", "--shape", args.shape, "--output_dir", model_dir], check=True, env=worker_env())
     image = image_data_url(args.image_size if args.shape != "tiny" or args.model_dir else 32)
     bodies = lambda i: tgi_body(image, prompt_text(args.prompt_words, salt=i), args.max_new_tokens)  # noqa: E731
 
