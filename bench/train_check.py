@@ -90,7 +90,7 @@ def main() -> int:
     record = {
         "card": card,
         "command": "python bench/train_check.py " + " ".join(sys.argv[1:]),
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
+        "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
         "date": date.today().isoformat(),
         "config": {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps, "attention": "sdpa", "gradient_checkpointing": False},
         "baselines": {},
