@@ -198,7 +198,6 @@ def test_operator_parses_the_rendered_settings(variant, monkeypatch):
 def test_chart_defaults_equal_the_operator_defaults():
     from internvl_operator.settings import OperatorSettings
 
-    defaults = OperatorSettings.model_construct()
     fresh = OperatorSettings.model_fields
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     expect = {
@@ -216,7 +215,6 @@ def test_chart_defaults_equal_the_operator_defaults():
         field = fresh[name]
         default = field.default_factory() if field.default_factory else field.default
         assert default == value, f"values.yaml {name}: chart {value!r} != operator {default!r}"
-    del defaults
 
 
 def test_settings_change_restarts_the_pod():
