@@ -251,6 +251,17 @@ def cmd_serve(args) -> int:
 # ------------------------------------------------------------------------------------------ tiny, models
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+    from .registry import get_model_spec
+
+    if args.model_type:
+        get_model_spec(args.model_type)
+    path = convert_checkpoint(args.model_id_or_path, args.output_dir, model_type=args.model_type, dtype=args.dtype)
+    print(f"native InternVL checkpoint written to {path}")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     from .tiny import build_tiny_model
 
@@ -406,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preprocess-workers", dest="preprocess_workers", type=positive_int, default=4, help="threads that fetch, decode and tile images and run the vision tower")
     g.add_argument("--graceful-timeout", dest="graceful_timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert", help="convert an original-format (trust_remote_code) InternVL checkpoint to the native format", description="Reads the original config and safetensors as data (no remote code runs) and writes a transformers-native InternVL checkpoint that every other command loads.")
+    p.add_argument("--model_id_or_path", required=True, help="the original checkpoint directory (config.json with model_type internvl_chat)")
+    p.add_argument("--output_dir", required=True, help="where the native checkpoint goes (written atomically)")
+    p.add_argument("--model_type", default=None, help="record this model type in the output (`internvl models`)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tiny", help="write a tiny random InternVL checkpoint (for tests and trials)")
     p.add_argument("--output_dir", required=True)
