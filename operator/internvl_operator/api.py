@@ -178,32 +178,27 @@ class ServiceModel(ModelSource):
 # --------------------------------------------------------------------------- fine-tune spec
 
 RULE_DATA_ONE_SOURCE = CelRule(
-    _count_set("pvc", "configMap", "urls") + " == 1",
-    "set exactly one dataset source: pvc, configMap or urls",
-)
-RULE_DATA_FILES = CelRule(
-    "has(self.urls) ? !has(self.files) && !has(self.validationFiles) : has(self.files) && size(self.files) > 0",
-    "dataset.files lists the JSONL files of a pvc or configMap source (at least one); urls name their files themselves",
-    ".files",
+    _count_set("pvc", "configMap") + " == 1",
+    "set exactly one dataset source: pvc or configMap",
 )
 
 
-Url = Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
 RelativeFile = Annotated[str, Field(pattern=RELATIVE_PATH, max_length=1024)]
 
 
 class DatasetSpec(Spec):
-    model_config = ConfigDict(json_schema_extra=_validations(RULE_DATA_ONE_SOURCE, RULE_DATA_FILES))
+    """Local JSONL files only: the worker's `data check` and `sft` read files, not URLs (copy remote data
+    onto a PVC first, e.g. with a Job running `curl`, or into a ConfigMap if it is small)."""
+
+    model_config = ConfigDict(json_schema_extra=_validations(RULE_DATA_ONE_SOURCE))
 
     pvc: ClaimRef | None = Field(default=None, description="PVC with the data, mounted read-only at /data.")
     config_map: ConfigMapRef | None = Field(
-        default=None, description="ConfigMap mounted at /data (its keys are file names; < 1 MiB in total)."
-    )
-    urls: list[Url] | None = Field(
-        default=None, max_length=16, description="HTTP(S) URLs of JSONL files; the worker fetches them."
-    )
-    files: list[RelativeFile] | None = Field(
         default=None,
+        description="ConfigMap mounted at /data (its keys are file names; < 1 MiB in total; images as data: URLs or keys).",
+    )
+    files: list[RelativeFile] = Field(
+        min_length=1,
         max_length=16,
         description="Training JSONL files, relative to the volume root (become /data/<file>).",
     )
@@ -213,14 +208,8 @@ class DatasetSpec(Spec):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DatasetSpec":
-        if sum(x is not None for x in (self.pvc, self.config_map, self.urls)) != 1:
+        if sum(x is not None for x in (self.pvc, self.config_map)) != 1:
             raise ValueError(RULE_DATA_ONE_SOURCE.message)
-        if self.urls is not None:
-            ok = self.files is None and self.validation_files is None
-        else:
-            ok = bool(self.files)
-        if not ok:
-            raise ValueError(RULE_DATA_FILES.message)
         return self
 
 
@@ -250,6 +239,18 @@ class TrainingSpec(Spec):
     gradient_checkpointing: bool = Field(default=True, description="Trade ~30% speed for activation memory.")
     save_steps: int = Field(default=100, ge=1, le=1_000_000, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(default=2, ge=1, le=100, description="Checkpoints kept on the output PVC.")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after N optimizer steps (overrides epochs)."
+    )
+    logging_steps: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="A progress line (status.progress) every N steps; worker default 5."
+    )
+    dataloader_workers: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="Processes decoding and tiling images per rank; worker default 2; 0 = in the training process.",
+    )
 
 
 class AutoscalingSpec(Spec):
@@ -391,7 +392,12 @@ class InternVLFineTuneSpec(Spec):
     training: TrainingSpec = Field(
         default_factory=TrainingSpec, description="Hyper-parameters.", json_schema_extra={"default": {}}
     )
-    gpus_per_node: int = Field(default=1, ge=1, le=16, description="GPUs (torchrun processes) per node.")
+    gpus_per_node: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="GPUs (torchrun processes) per node; 0 = CPU only (one process, no nvidia.com/gpu; tests, tiny models).",
+    )
     nodes: int = Field(default=1, ge=1, le=64, description="Nodes; > 1 runs an Indexed Job with a headless Service.")
     deepspeed: Literal["zero2", "zero3"] | None = Field(
         default=None, description="ZeRO-2 shards grads + optimizer state; ZeRO-3 also the weights."
@@ -429,7 +435,13 @@ class InternVLFineTuneSpec(Spec):
 
     @property
     def world_size(self) -> int:
+        """GPUs in total (0 for a CPU-only run)."""
         return self.gpus_per_node * self.nodes
+
+    @property
+    def procs_per_node(self) -> int:
+        """torchrun processes per node: one per GPU, or one CPU process."""
+        return max(1, self.gpus_per_node)
 
 
 RULE_ADAPTER_ONE_SOURCE = CelRule(

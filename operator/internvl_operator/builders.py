@@ -161,10 +161,7 @@ def _finetune_parts(ft: api.InternVLFineTune, *, with_data: bool) -> tuple[PodPa
 
 
 def train_files(ft: api.InternVLFineTune) -> list[str]:
-    dataset = ft.spec.dataset
-    if dataset.urls is not None:
-        return list(dataset.urls)
-    return [_join(c.DATA_MOUNT, f) for f in dataset.files or []]
+    return [_join(c.DATA_MOUNT, f) for f in ft.spec.dataset.files]
 
 
 def validation_files(ft: api.InternVLFineTune) -> list[str]:
@@ -307,6 +304,12 @@ def sft_args(ft: api.InternVLFineTune, *, model_arg: str) -> list[str]:
         "--max_length", str(tr.max_length),
         "--gradient_checkpointing", _fmt(tr.gradient_checkpointing),
     ]  # fmt: skip
+    if tr.max_steps is not None:
+        args += ["--max_steps", str(tr.max_steps)]
+    if tr.logging_steps is not None:
+        args += ["--logging_steps", str(tr.logging_steps)]
+    if tr.dataloader_workers is not None:
+        args += ["--dataloader_num_workers", str(tr.dataloader_workers)]
     if spec.deepspeed:
         args += ["--deepspeed", f"default-{spec.deepspeed}"]
     args += [
@@ -334,7 +337,7 @@ def build_train_job(ft: api.InternVLFineTune, settings: OperatorSettings = DEFAU
         {"name": "MASTER_ADDR", "value": master_address(ft)},
         {"name": "MASTER_PORT", "value": str(c.RENDEZVOUS_PORT)},
         {"name": "NNODES", "value": str(spec.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(spec.gpus_per_node)},
+        {"name": "NPROC_PER_NODE", "value": str(spec.procs_per_node)},
         # Same value as JOB_COMPLETION_INDEX, read through the downward API so it is defined before
         # the args below reference it ($(VAR) expands only variables declared in env).
         {

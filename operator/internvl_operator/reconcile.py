@@ -206,13 +206,15 @@ def _advance(
         if progress.step is not None:
             s.data["progress"] = progress.to_status()
         if progress.checkpoint:
-            s.outputs(checkpointPath=st.relative_to_output(progress.checkpoint))
+            s.outputs(checkpointPath=st.checkpoint_path(builders.run_directory(ft.name), progress.checkpoint))
         if not tr.job.exists:
             if spec.nodes > 1:
                 plan.creates.append(builders.build_rendezvous_service(ft))
             plan.creates.append(builders.build_train_job(ft, settings))
-            s.condition(c.COND_TRAINING, "Unknown", "Started", f"training on {spec.world_size} GPU(s)")
-            s.phase(c.PHASE_TRAINING, f"training Job created ({spec.nodes} node(s) x {spec.gpus_per_node} GPU(s))")
+            where = f"{spec.world_size} GPU(s)" if spec.world_size else "CPU (gpusPerNode: 0)"
+            s.condition(c.COND_TRAINING, "Unknown", "Started", f"training on {where}")
+            per_node = f"{spec.gpus_per_node} GPU(s)" if spec.gpus_per_node else "CPU"
+            s.phase(c.PHASE_TRAINING, f"training Job created ({spec.nodes} node(s) x {per_node})")
             s.failure(None)
             return
         if _stale_failed(tr.job, gen):

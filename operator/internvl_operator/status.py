@@ -251,7 +251,7 @@ class WorkerProgress:
     learning_rate: float | None = None
     samples_per_second: float | None = None
     tokens_per_second: float | None = None
-    checkpoint: str | None = None  # from the final {"event": "done"} line
+    checkpoint: str | None = None  # the newest {"event": "checkpoint"} path, or the {"event": "done"} one
 
     def to_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -295,6 +295,8 @@ def parse_worker_log(text: str) -> WorkerProgress:
             continue
         if event.get("event") == "progress" and _number(event.get("step"), int) is not None:
             progress = event
+        elif event.get("event") == "checkpoint" and isinstance(event.get("path"), str):
+            checkpoint = event["path"]  # printed at every save: status shows the newest while training
         elif event.get("event") == "done" and isinstance(event.get("checkpoint"), str):
             checkpoint = event["checkpoint"]
     return WorkerProgress(
@@ -322,3 +324,19 @@ def relative_to_output(path: str) -> str:
     """/output/x/checkpoint-100 -> x/checkpoint-100 (paths in status are relative to the output PVC)."""
     prefix = c.OUTPUT_MOUNT.rstrip("/") + "/"
     return path[len(prefix):] if path.startswith(prefix) else path
+
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
+
+
+def checkpoint_path(run_dir: str, printed: str) -> str:
+    """The PVC-relative path of a checkpoint the worker printed.
+
+    The worker writes checkpoints directly under its --output_dir (= /output/<run dir>), so the
+    directory name is all that matters; the printed prefix depends on how the volume is mounted
+    (/output/... in a pod, a host path under a process kubelet, a relative path if run by hand).
+    """
+    name = printed.rstrip("/").rsplit("/", 1)[-1]
+    if _CHECKPOINT_DIR.match(name):
+        return f"{run_dir}/{name}"
+    return relative_to_output(printed)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -94,6 +95,19 @@ class Proc:
     oom: bool = False
     oom_at: float | None = None
     killing_deadline: float | None = None
+    log_scan_offset: int = 0  # how far kill_on_log hooks have read the log
+    log_scan_tail: str = ""  # the last bytes read, so a match may span two reads
+
+
+@dataclass
+class LogKillHook:
+    """See ProcessKubelet.kill_on_log. `killed` lists the pods signalled so far."""
+    namespace: str
+    pod_prefix: str
+    pattern: re.Pattern
+    sig: int = signal.SIGKILL
+    times: int = 1
+    killed: list = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +130,7 @@ class ProcessKubelet:
         self.http.headers["User-Agent"] = USER_AGENT
         self.procs: dict[str, Proc] = {}  # pod uid -> process
         self.oom_requests: set[tuple[str, str]] = set()
+        self.log_hooks: list[LogKillHook] = []
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -571,11 +586,49 @@ class ProcessKubelet:
                     return True
         return False
 
+    def kill_on_log(self, namespace: str, pod_prefix: str, pattern: str, *, sig: int = signal.SIGKILL,
+                    times: int = 1) -> LogKillHook:
+        """Test hook: send `sig` to the process group of a running pod whose name starts with `pod_prefix`
+        the moment its log matches the regex `pattern` (checked every tick, ~50 ms), `times` times in all.
+        E.g. kill a trainer right after its first checkpoint line; the container ends with exit code
+        128 + sig (137 for SIGKILL), reason Error, like a process killed on a node."""
+        hook = LogKillHook(namespace, pod_prefix, re.compile(pattern), sig, times)
+        with self._lock:
+            self.log_hooks.append(hook)
+        self._dirty.set()
+        return hook
+
+    def _check_log_hooks(self, p: Proc) -> None:
+        hooks = [h for h in self.log_hooks if h.times > 0 and h.namespace == p.namespace
+                 and p.name.startswith(h.pod_prefix)]
+        if not hooks:
+            return
+        try:
+            with open(p.log_path, "rb") as fh:
+                fh.seek(p.log_scan_offset)
+                chunk = fh.read()
+        except OSError:
+            return
+        if not chunk:
+            return
+        p.log_scan_offset += len(chunk)
+        text = p.log_scan_tail + chunk.decode(errors="replace")
+        p.log_scan_tail = text[-4096:]
+        for h in hooks:
+            if h.pattern.search(text):
+                h.times -= 1
+                h.killed.append(p.name)
+                p.log_scan_tail = ""
+                self._kill(p, h.sig)
+                return
+
     def _poll_processes(self) -> bool:
         changed = False
         with self._lock:
             procs = list(self.procs.values())
         for p in procs:
+            if self.log_hooks and p.terminated is None and p.popen is not None and p.popen.poll() is None:
+                self._check_log_hooks(p)
             if p.oom_at is not None and getattr(p, "oom_at_abs", None) and time.monotonic() >= p.oom_at_abs \
                     and p.popen and p.popen.poll() is None:
                 p.oom = True
@@ -602,6 +655,7 @@ class ProcessKubelet:
                 prev = p.log_path[:-4] + ".previous.log"
                 if os.path.exists(p.log_path):
                     shutil.move(p.log_path, prev)
+                p.log_scan_offset, p.log_scan_tail = 0, ""
                 with self._lock:
                     self._launch(p)
                 self._write_pod_status(p)

@@ -39,8 +39,8 @@ FINETUNES = {
     "full-zero2-2x2": {"method": "full", "gpusPerNode": 2, "nodes": 2, "deepspeed": "zero2", "queueName": "gpu"},
     "hub-token": {"model": {"modelType": "internvl3-1b", "hubId": "OpenGVLab/InternVL3-1B-hf", "hubTokenSecret": {"name": "hf"}}},
     "configmap-data": {"dataset": {"configMap": {"name": "d"}, "files": ["a.jsonl"], "validationFiles": ["v.jsonl"]}},
-    "urls-placement": {
-        "dataset": {"urls": ["https://example.com/a.jsonl"]},
+    "cpu-only-short-run": {"gpusPerNode": 0, "training": {"maxSteps": 8, "loggingSteps": 1, "dataloaderWorkers": 0}},
+    "placement": {
         "placement": {
             "nodeSelector": {"gpu": "h100"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -176,15 +176,27 @@ def test_hub_token_comes_from_a_secret_never_from_args():
     assert arg(container(builders.build_train_job(ft, SETTINGS))["args"], "--model_id_or_path") == "OpenGVLab/InternVL3-1B-hf"
 
 
-def test_configmap_and_url_datasets():
+def test_configmap_dataset():
     ft = ft_of(dataset={"configMap": {"name": "d"}, "files": ["a.jsonl"], "validationFiles": ["v.jsonl"]})
     job = builders.build_train_job(ft, SETTINGS)
     assert {"name": "data", "configMap": {"name": "d"}} in job["spec"]["template"]["spec"]["volumes"]
+    assert arg(container(job)["args"], "--dataset") == "/data/a.jsonl"
     assert arg(container(job)["args"], "--val_dataset") == "/data/v.jsonl"
-    ft = ft_of(dataset={"urls": ["https://e.com/a.jsonl", "https://e.com/b.jsonl"]})
+
+
+def test_cpu_only_training_has_one_process_and_no_gpu():
+    ft = ft_of(gpusPerNode=0, training={"maxSteps": 8, "loggingSteps": 1, "dataloaderWorkers": 0})
     job = builders.build_train_job(ft, SETTINGS)
-    assert arg(container(job)["args"], "--dataset") == "https://e.com/a.jsonl,https://e.com/b.jsonl"
-    assert not any(v["name"] == "data" for v in job["spec"]["template"]["spec"]["volumes"])
+    trainer = container(job)
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["NPROC_PER_NODE"] == "1"
+    assert "nvidia.com/gpu" not in json.dumps(trainer["resources"])
+    args = trainer["args"]
+    assert (arg(args, "--max_steps"), arg(args, "--logging_steps"), arg(args, "--dataloader_num_workers")) == ("8", "1", "0")
+    # Unset knobs leave the worker's defaults alone.
+    default_args = container(builders.build_train_job(ft_of(), SETTINGS))["args"]
+    assert not {"--max_steps", "--logging_steps", "--dataloader_num_workers"} & set(default_args)
+    assert container(builders.build_train_job(ft_of(), SETTINGS))["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_merge_job_exports_latest_checkpoint():

@@ -78,7 +78,7 @@ def test_defaults_are_in_the_schema():
     assert spec["method"]["default"] == "lora" and spec["method"]["enum"] == ["lora", "full"]
     assert spec["training"]["properties"]["learningRate"]["default"] == 1e-4
     assert spec["deepspeed"]["enum"] == ["zero2", "zero3"]
-    assert spec["gpusPerNode"]["minimum"] == 1 and spec["gpusPerNode"]["maximum"] == 16
+    assert spec["gpusPerNode"]["minimum"] == 0 and spec["gpusPerNode"]["maximum"] == 16  # 0 = CPU only
 
 
 def _example_docs():
@@ -123,10 +123,15 @@ INVALID = [
         {"model": {"modelType": "internvl3-1b", "pvc": {"claimName": "m"}, "hubTokenSecret": {"name": "hf"}}},
         "spec.model.hubTokenSecret: hubTokenSecret is only used with hubId",
     ),
-    (FT, {"dataset": {"pvc": {"claimName": "d"}}}, "spec.dataset.files: dataset.files lists the JSONL files"),
-    (FT, {"dataset": {"urls": ["https://x/a.jsonl"], "files": ["a.jsonl"]}}, "spec.dataset.files: dataset.files lists"),
-    (FT, {"dataset": {"pvc": {"claimName": "d"}, "urls": ["https://x/a.jsonl"]}}, "spec.dataset: set exactly one dataset source"),
-    (FT, {"gpusPerNode": 0}, "spec.gpusPerNode"),
+    (FT, {"dataset": {"pvc": {"claimName": "d"}, "files": []}}, "spec.dataset.files"),
+    (FT, {"dataset": {"files": ["a.jsonl"]}}, "spec.dataset: set exactly one dataset source: pvc or configMap"),
+    (
+        FT,
+        {"dataset": {"pvc": {"claimName": "d"}, "configMap": {"name": "c"}, "files": ["a.jsonl"]}},
+        "spec.dataset: set exactly one dataset source: pvc or configMap",
+    ),
+    (FT, {"gpusPerNode": -1}, "spec.gpusPerNode"),
+    (FT, {"training": {"maxSteps": 0}}, "spec.training.maxSteps"),
     (FT, {"method": "qlora"}, "spec.method"),
     (FT, {"training": {"learningRate": 0}}, "spec.training.learningRate"),
     (FT, {"training": {"maxLength": 10}}, "spec.training.maxLength"),
@@ -166,6 +171,15 @@ def test_operator_refuses_the_same_cr(kind, change, expected):
     else:
         # Same field path and message; only list indexes print differently (CEL [0], pydantic .0).
         assert re.sub(r"\[(\d+)\]", r".\1", expected) in got, got
+
+
+def test_dataset_urls_are_refused_by_both():
+    """The worker reads local files only, so `dataset.urls` is not part of the API (kubectl's strict
+    validation and the operator both refuse it instead of silently ignoring it)."""
+    body = finetune_body(dataset={"urls": ["https://x/a.jsonl"], "files": ["a.jsonl"]})
+    assert any("urls" in e for e in admit(body)), admit(body)
+    with pytest.raises(Invalid, match=r"dataset\.urls: Extra inputs are not permitted"):
+        parse(api.InternVLFineTune, body)
 
 
 def test_valid_minimal_crs_are_admitted():

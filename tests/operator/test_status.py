@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from internvl_operator import status as st
 
 
@@ -79,6 +81,21 @@ def test_progress_fields_and_done_checkpoint():
     assert progress.checkpoint == "/output/x/checkpoint-100"
     assert progress.to_status()["summary"] == "20/100"
     assert st.relative_to_output(progress.checkpoint) == "x/checkpoint-100"
+
+
+def test_checkpoint_events_update_the_checkpoint_while_training():
+    log = (
+        '{"event": "checkpoint", "step": 2, "path": "/output/x/checkpoint-2"}\n'
+        '{"event": "progress", "step": 3, "total_steps": 8}\n'
+        '{"event": "checkpoint", "step": 4, "path": "/output/x/checkpoint-4"}\n'
+    )
+    assert st.parse_worker_log(log).checkpoint == "/output/x/checkpoint-4"
+    assert st.parse_worker_log(log + '{"event": "done", "checkpoint": "/output/x/checkpoint-8"}').checkpoint == "/output/x/checkpoint-8"
+
+
+@pytest.mark.parametrize("printed", ["/output/x/checkpoint-4", "/var/lib/kubelet/pvc/ns/out/x/checkpoint-4/", "x/checkpoint-4"])
+def test_checkpoint_path_is_relative_to_the_output_pvc_whatever_the_mount(printed):
+    assert st.checkpoint_path("x", printed) == "x/checkpoint-4"
 
 
 def test_malformed_progress_values_are_dropped_not_stored():
