@@ -73,6 +73,19 @@ def test_apply_trains_merges_and_serves(e2e_ns):
     assert row.split()[:3] == [NAME, "Serving", "8/8"], table
     assert ns.operator.errors() == [], ns.operator.log_tail()
 
+    # Deleting the fine-tune deletes everything it made (ownerReferences), down to the serving process.
+    ns.kubectl("delete", "internvlfinetune", NAME, "--wait=false")
+
+    def leftovers():
+        return [f"{kind}/{obj['metadata']['name']}"
+                for kind in ("InternVLService", "Job", "Deployment", "ReplicaSet", "Service", "Pod")
+                for obj in ns.list(kind) if not obj["metadata"]["name"].startswith("tiny-model")]
+
+    ns.wait(lambda: not leftovers(), timeout=90, what="the fine-tune's children to be deleted")
+    if not ns.cluster.real:  # the port-forward of a real cluster dies with the pod anyway
+        with pytest.raises(Exception):
+            client.generate("hello", max_new_tokens=1)
+
 
 def test_bad_dataset_fails_at_data_check_with_the_row(e2e_ns):
     ns = e2e_ns
@@ -86,3 +99,106 @@ def test_bad_dataset_fails_at_data_check_with_the_row(e2e_ns):
     assert "train.jsonl:7" in cr["status"]["message"]
     # Nothing past the data check was created: no GPU was ever requested.
     assert job_names(ns) == [f"{NAME}-datacheck"]
+
+
+def short_run(*, max_steps: int = 8) -> dict:
+    """The example without merge and serving: the pipeline ends at Succeeded after training."""
+    ft = example_finetune()
+    ft["spec"]["merge"] = False
+    del ft["spec"]["serve"]
+    ft["spec"]["training"]["maxSteps"] = max_steps
+    return ft
+
+
+def start_event(log: str) -> dict:
+    """The worker's first JSON line: {"event": "start", ..., "resume_from": <checkpoint or null>}."""
+    for line in log.splitlines():
+        if line.startswith('{"event": "start"'):
+            return json.loads(line)
+    raise AssertionError(f"no start event in the log:\n{log[-3000:]}")
+
+
+def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(e2e_ns):
+    ns = e2e_ns
+    if ns.cluster.real:
+        pytest.skip("kills a process through the process kubelet (emulator only)")
+    # The node "loses" the trainer right after its first checkpoint (step 2 of 16) was written.
+    hook = ns.cluster.kubelet.kill_on_log(ns.name, f"{NAME}-train-", r'"event": "checkpoint"')
+    ns.start_operator()
+    ns.apply(short_run(max_steps=16))
+    cr = ns.wait_finetune(NAME, phases={"Succeeded"}, timeout=240)
+
+    pods = {p["metadata"]["name"]: p for p in ns.pods(TRAIN)}
+    assert len(pods) == 2 and len(hook.killed) == 1 and hook.killed[0] in pods, (list(pods), hook.killed)
+    first = pods.pop(hook.killed[0])
+    (second,) = pods.values()
+    killed = first["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert killed["exitCode"] == 137 and killed["reason"] == "Error", killed
+    first_log = ns.log(first["metadata"]["name"])
+    assert start_event(first_log)["resume_from"] is None
+    assert '"event": "done"' not in first_log, "the kill came after training had finished"
+    resumed = start_event(ns.log(second["metadata"]["name"]))["resume_from"]
+    assert resumed and re.search(r"checkpoint-2/?$", resumed), resumed
+    job = ns.get("Job", f"{NAME}-train")["status"]
+    assert (job.get("failed"), job.get("succeeded")) == (1, 1), job
+    assert cr["status"]["progress"]["summary"] == "16/16"
+    assert cr["status"]["outputs"]["checkpointPath"] == f"{NAME}/checkpoint-16"
+    assert "failure" not in cr["status"], cr["status"]  # cleared once the retry succeeded
+
+
+def test_operator_restart_mid_training_creates_no_duplicates(e2e_ns):
+    ns = e2e_ns
+    ns.start_operator()
+    ns.apply(short_run())
+    train_job = ns.wait(lambda: ns.get("Job", f"{NAME}-train"), timeout=120, what="the training Job")
+    assert not (train_job.get("status") or {}).get("succeeded"), "training finished before the restart"
+    before = {j["metadata"]["name"]: j["metadata"]["uid"] for j in ns.list("Job")}
+    ns.operator.stop(kill=True)  # a crash: no graceful shutdown
+    ns.start_operator()
+    cr = ns.wait_finetune(NAME, phases={"Succeeded"}, timeout=240)
+    after = {j["metadata"]["name"]: j["metadata"]["uid"] for j in ns.list("Job")}
+    assert after == before, (before, after)  # same Jobs, not re-created
+    assert len(ns.pods(TRAIN)) == 1
+    assert len(ns.pods(f"internvl.ai/finetune={NAME},app.kubernetes.io/component=datacheck")) == 1
+    assert cr["status"]["progress"]["summary"] == "8/8"
+    assert ns.operator.starts == 2
+
+
+def test_suspend_stops_training_and_resume_continues_from_the_checkpoint(e2e_ns):
+    ns = e2e_ns
+    emulated = not ns.cluster.real
+    if emulated:
+        # Freeze the trainer right after its first checkpoint, so "mid-training" lasts as long as the test needs.
+        import signal
+
+        ns.cluster.kubelet.kill_on_log(ns.name, f"{NAME}-train-", r'"event": "checkpoint"', sig=signal.SIGSTOP)
+    ns.start_operator()
+    ns.apply(short_run(max_steps=10 if emulated else 400))  # a real cluster trains on: give it steps to suspend in
+
+    def checkpointed(cr):
+        return bool((cr["status"].get("outputs") or {}).get("checkpointPath"))
+
+    ns.wait_finetune(NAME, phases={"Training"}, check=checkpointed, timeout=180)
+    first = ns.pods(TRAIN)[0]["metadata"]["name"]
+
+    ns.kubectl("patch", "internvlfinetune", NAME, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    cr = ns.wait_finetune(NAME, phases={"Suspended"}, timeout=60)
+    assert condition(cr, "Suspended")["status"] == "True"
+    ns.wait(lambda: ns.get("Job", f"{NAME}-train") is None and not ns.pods(TRAIN), timeout=60,
+            what="the training Job and its pods to be deleted")
+    checkpoint = cr["status"]["outputs"]["checkpointPath"]
+
+    ns.kubectl("patch", "internvlfinetune", NAME, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    pod = ns.wait(lambda: [p for p in ns.pods(TRAIN) if p["metadata"]["name"] != first], timeout=60,
+                  what="a new training pod")[0]["metadata"]["name"]
+    resumed = ns.wait(lambda: '"event": "start"' in ns.log(pod) and start_event(ns.log(pod))["resume_from"],
+                      timeout=120, what=f"pod {pod} to start training")
+    assert resumed.rstrip("/").endswith(checkpoint.rsplit("/", 1)[-1]), (resumed, checkpoint)
+    if emulated:
+        cr = ns.wait_finetune(NAME, phases={"Succeeded"}, timeout=180)
+        assert cr["status"]["progress"]["summary"] == "10/10"
+        assert condition(cr, "Suspended")["status"] == "False"
+    else:
+        step = int(checkpoint.rsplit("-", 1)[-1])
+        ns.wait_finetune(NAME, phases={"Training"}, timeout=180,
+                         check=lambda cr: (cr["status"].get("progress") or {}).get("step", 0) > step)

@@ -89,6 +89,52 @@ def test_indexed_job_and_oom(kube_client, kubelet):
     assert (term.reason, term.exit_code) == ("OOMKilled", 137)
 
 
+def test_kill_on_log_signals_the_pod_when_its_log_matches(kube_client, kubelet):
+    """The hook the e2e tests use to "lose" a trainer right after a checkpoint line: only the first pod is
+    killed (times=1, exit 137, reason Error), the Job's retry runs to completion."""
+    core, batch = client.CoreV1Api(kube_client), client.BatchV1Api(kube_client)
+    hook = kubelet.kill_on_log("default", "saver-", r"saved 2")
+    code = ("import time\nfor i in range(1, 6):\n    print(f'saved {i}', flush=True)\n    time.sleep(0.3)\n")
+    batch.create_namespaced_job("default", job("saver", code, backoff=1))
+    conds, st = wait_until(lambda: (lambda c: c if "Complete" in c[0] else None)(conditions(batch, "saver")))
+    assert (st.failed, st.succeeded) == (1, 1)
+    pods = {p.metadata.name: p for p in core.list_namespaced_pod("default", label_selector="job-name=saver").items}
+    assert len(hook.killed) == 1 and hook.killed[0] in pods and hook.times == 0
+    killed = pods.pop(hook.killed[0])
+    term = killed.status.container_statuses[0].state.terminated
+    assert (term.reason, term.exit_code) == ("Error", 137)
+    assert core.read_namespaced_pod_log(killed.metadata.name, "default").split() == ["saved", "1", "saved", "2"]
+    (retry,) = pods.values()
+    assert core.read_namespaced_pod_log(retry.metadata.name, "default").count("saved") == 5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not reaped yet
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_kill_takes_the_whole_container_like_torchrun_workers(kube_client, kubelet):
+    """torchrun starts its workers in a new session: an OOM kill (SIGKILL) must still take them."""
+    core, batch = client.CoreV1Api(kube_client), client.BatchV1Api(kube_client)
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+            "print(child.pid, flush=True)\ntime.sleep(60)\n")
+    batch.create_namespaced_job("default", job("tree", code, backoff=0))
+    pod = wait_until(lambda: next(iter(core.list_namespaced_pod("default", label_selector="job-name=tree").items), None))
+    name = pod.metadata.name
+    child = int(wait_until(lambda: core.read_namespaced_pod_log(name, "default").strip()))
+    assert _alive(child)
+    assert kubelet.oom_kill("default", name)
+    wait_until(lambda: not _alive(child), timeout=5)
+    conds, st = wait_until(lambda: (lambda c: c if "Failed" in c[0] else None)(conditions(batch, "tree")))
+    term = core.read_namespaced_pod(name, "default").status.container_statuses[0].state.terminated
+    assert (term.reason, term.exit_code) == ("OOMKilled", 137)
+
+
 SERVER = """
 import http.server, os, sys
 class H(http.server.BaseHTTPRequestHandler):

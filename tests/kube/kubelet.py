@@ -570,10 +570,19 @@ class ProcessKubelet:
 
     def _kill(self, proc: Proc, sig) -> None:
         if proc.popen and proc.popen.poll() is None:
+            # SIGKILL/SIGSTOP/SIGCONT act on the whole container, as a cgroup kill or freeze does: every
+            # descendant, also those that left the process group (torchrun starts its workers with
+            # start_new_session=True; killing only the group would orphan a trainer that keeps writing).
+            tree = _descendants(proc.popen.pid) if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT) else []
             try:
                 os.killpg(proc.popen.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+            for pid in tree:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def oom_kill(self, namespace: str, pod_name: str) -> bool:
         """Simulate the kernel OOM killer on a pod's container: SIGKILL, reason OOMKilled, exit 137."""
@@ -595,8 +604,21 @@ class ProcessKubelet:
         hook = LogKillHook(namespace, pod_prefix, re.compile(pattern), sig, times)
         with self._lock:
             self.log_hooks.append(hook)
-        self._dirty.set()
+            if not any(t.name == "kubelet-log-hooks" for t in self._threads):
+                # Its own thread: the reconcile loop may be busy (starting processes, probing) for longer
+                # than a tiny training run takes between two log lines.
+                t = threading.Thread(target=self._run_log_hooks, name="kubelet-log-hooks", daemon=True)
+                t.start()
+                self._threads.append(t)
         return hook
+
+    def _run_log_hooks(self) -> None:
+        while not self._stop.wait(0.02):
+            with self._lock:
+                procs = list(self.procs.values()) if any(h.times > 0 for h in self.log_hooks) else []
+            for p in procs:
+                if p.terminated is None and p.popen is not None and p.popen.poll() is None:
+                    self._check_log_hooks(p)
 
     def _check_log_hooks(self, p: Proc) -> None:
         hooks = [h for h in self.log_hooks if h.times > 0 and h.namespace == p.namespace
@@ -627,8 +649,6 @@ class ProcessKubelet:
         with self._lock:
             procs = list(self.procs.values())
         for p in procs:
-            if self.log_hooks and p.terminated is None and p.popen is not None and p.popen.poll() is None:
-                self._check_log_hooks(p)
             if p.oom_at is not None and getattr(p, "oom_at_abs", None) and time.monotonic() >= p.oom_at_abs \
                     and p.popen and p.popen.poll() is None:
                 p.oom = True
@@ -783,6 +803,30 @@ class ProcessKubelet:
                 if p.namespace == namespace and p.name == pod_name:
                     return p.mapping.ports.get(container_port)
         return None
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid (children, grandchildren, ...), read from /proc; [] where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
 
 
 def _pod_ready(pod) -> bool:
