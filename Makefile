@@ -5,7 +5,7 @@ PIP := $(PY) -m pip install -q
 # torch 2.13.0 (CPU build) lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install demo test test-gpu crds clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test: install
 
 test-gpu: install
 	$(VENV)/bin/pytest -q -m gpu
+
+# Regenerate crds/ from the operator's pydantic models, its README field reference, and the chart's copy.
+crds: install
+	$(PY) -m internvl_operator.crdgen --docs operator/README.md
+	$(PY) charts/sync_crds.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
