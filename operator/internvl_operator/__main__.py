@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.namespace:
         settings.namespaces = args.namespace
     peering = args.peering if args.peering is not None else settings.peering
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    # kopf.configure installs the root handler; a logging.basicConfig() next to it printed every line twice.
     kopf.configure(verbose=args.verbose)
 
     handlers.configure(settings=settings)

@@ -5,6 +5,9 @@ and applies the plan. The fine-tune pipeline is a chain of stages; each reconcil
 most one stage and is safe to repeat (children have fixed names, creates are idempotent).
 
     datacheck Job (CPU) -> training Job (+ headless Service for > 1 node) -> merge Job (LoRA) -> InternVLService
+
+Phases: Validating -> Training -> Merging -> (Serving: the InternVLService is starting) -> Succeeded, once
+the model is written and, with `serve`, a replica of its service is ready.
 """
 
 from __future__ import annotations
@@ -311,7 +314,13 @@ def _advance(
     if svc_status.get("url"):
         s.data["url"] = svc_status["url"]
     ready = svc_status.get("readyReplicas") or 0
-    s.phase(c.PHASE_SERVING, f"served by InternVLService {name} ({ready} ready)")
+    if ready > 0 and svc_status.get("url"):
+        # The fine-tune's work is done once its model answers; the InternVLService keeps its own status
+        # (replicas, failures) from here on, and this CR stays Succeeded.
+        s.phase(c.PHASE_SUCCEEDED, f"done; served by InternVLService {name} at {svc_status['url']}")
+        return
+    detail = svc_status.get("message") or "waiting for a replica to load the model"
+    s.phase(c.PHASE_SERVING, f"starting InternVLService {name}: {detail}")
 
 
 # --------------------------------------------------------------------------- service

@@ -281,7 +281,7 @@ class Cluster:
         return self.server is None
 
     @classmethod
-    def start(cls, root: Path, *, models_dir: Path | None = None) -> "Cluster":
+    def start(cls, root: Path, *, models_dir: Path | None = None, api_port: int = 0) -> "Cluster":
         """models_dir (emulator only): a host dir already holding `tiny/` that every namespace's
         `models` PVC maps to (the model is built once instead of by a Job per test)."""
         self = cls(root)
@@ -293,7 +293,7 @@ class Cluster:
             from tests.kube.kubelet import ProcessKubelet
 
             log_dir = root / "pod-logs"
-            self.server = ApiServer(log_dir=str(log_dir), bookmark_interval=1.0).start()
+            self.server = ApiServer(port=api_port, log_dir=str(log_dir), bookmark_interval=1.0).start()
             self.kubeconfig = write_kubeconfig(self.server.url, root / "kubeconfig")
             pvc_dirs = {}
             if models_dir is not None:
@@ -331,8 +331,9 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def namespace(self, prefix: str) -> "Namespace":
-        name = f"{prefix}-{uuid.uuid4().hex[:5]}"[:63]
+    def namespace(self, prefix: str, *, exact: bool = False) -> "Namespace":
+        """A Namespace helper named `<prefix>-<5 random chars>` (or exactly `prefix`); not created yet."""
+        name = prefix if exact else f"{prefix[:57].rstrip('-')}-{uuid.uuid4().hex[:5]}"
         return Namespace(self, name)
 
 

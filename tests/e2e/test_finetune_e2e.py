@@ -29,8 +29,7 @@ def test_apply_trains_merges_and_serves(e2e_ns):
     ns.start_operator()
     ns.kubectl("apply", "-f", str(EXAMPLE))
 
-    cr = ns.wait_finetune(NAME, phases={"Serving"}, timeout=300,
-                          check=lambda cr: bool((cr.get("status") or {}).get("url")))
+    cr = ns.wait_finetune(NAME, phases={"Succeeded"}, timeout=300)
     status = cr["status"]
     # Every stage ran, in order, as its own Job.
     assert job_names(ns) == [f"{NAME}-datacheck", f"{NAME}-merge", f"{NAME}-train"]
@@ -44,13 +43,16 @@ def test_apply_trains_merges_and_serves(e2e_ns):
     assert outputs["mergedModelPath"] == outputs["modelPath"] == f"{NAME}/merged"
     assert status["serviceName"] == NAME
     assert status["url"] == f"http://{NAME}.{ns.name}.svc.cluster.local"
+    assert status["url"] in status["message"]
+    events = [e for e in ns.list("Event") if e["involvedObject"].get("name") == NAME
+              and e["involvedObject"].get("kind") == "InternVLFineTune"]
+    assert {e["reason"] for e in events} == {"Validating", "Training", "Merging", "Serving", "Succeeded"}, events
 
     # The InternVLService the operator made serves the merged model through a Deployment + Service.
     svc = ns.get("InternVLService", NAME)
     assert svc["spec"]["model"]["pvc"] == {"claimName": "internvl-output", "path": f"{NAME}/merged"}
     assert svc["metadata"]["ownerReferences"][0]["kind"] == "InternVLFineTune"
-    ns.wait(lambda: (ns.get("InternVLService", NAME) or {}).get("status", {}).get("phase") == "Serving",
-            timeout=120, what="InternVLService Serving")
+    assert svc["status"]["phase"] == "Serving" and svc["status"]["readyReplicas"] == 1, svc["status"]
     deployment = ns.get("Deployment", NAME)
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:3] == ["serve", "--model_id_or_path", f"/models/{NAME}/merged"]  # the output PVC, mounted read-only
@@ -70,7 +72,7 @@ def test_apply_trains_merges_and_serves(e2e_ns):
     table = ns.kubectl("get", "internvlfinetunes").stdout
     header, row = table.splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "GPUS", "AGE"], table
-    assert row.split()[:3] == [NAME, "Serving", "8/8"], table
+    assert row.split()[:5] == [NAME, "Succeeded", "8/8", str(status["progress"]["loss"]), "0"], table
     assert ns.operator.errors() == [], ns.operator.log_tail()
 
     # Deleting the fine-tune deletes everything it made (ownerReferences), down to the serving process.

@@ -54,7 +54,7 @@ def cond(body, cond_type):
     return st.get_condition(body["status"]["conditions"], cond_type)
 
 
-def test_lora_pipeline_runs_stage_by_stage_to_serving():
+def test_lora_pipeline_runs_stage_by_stage_to_serving_then_succeeded():
     body = finetune_body(serve={"replicas": 1})
     r = advance(body, observe())
     assert kinds(r) == [("Job", "tiny-datacheck")]
@@ -89,9 +89,19 @@ def test_lora_pipeline_runs_stage_by_stage_to_serving():
     assert body["status"]["outputs"]["modelPath"] == "tiny/merged"
     assert cond(body, "Complete")["status"] == "True"
 
+    loading = {"status": {"url": "http://tiny.ml.svc.cluster.local", "readyReplicas": 0, "message": "Loading"}}
+    r = advance(body, observe(datacheck=COMPLETE, train=COMPLETE, merge=COMPLETE, service=loading))
+    assert r.creates == [] and body["status"]["phase"] == "Serving" and "Loading" in body["status"]["message"]
+
+    # Succeeded once a replica answers: the service's URL and the outputs are in status.
     svc = {"status": {"url": "http://tiny.ml.svc.cluster.local", "readyReplicas": 1}}
     r = advance(body, observe(datacheck=COMPLETE, train=COMPLETE, merge=COMPLETE, service=svc))
     assert r.creates == [] and body["status"]["url"] == "http://tiny.ml.svc.cluster.local"
+    assert body["status"]["phase"] == "Succeeded" and r.events[-1][:2] == ("Normal", "Succeeded")
+    assert "http://tiny.ml.svc.cluster.local" in body["status"]["message"]
+    # Final for this generation: nothing more happens even if the service later scales to zero.
+    r = advance(body, observe(datacheck=COMPLETE, train=COMPLETE, merge=COMPLETE, service=loading))
+    assert r.creates == [] and r.deletes == [] and body["status"]["phase"] == "Succeeded"
 
 
 def test_done_stages_are_not_rerun_after_their_jobs_are_gone():
