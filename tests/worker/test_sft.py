@@ -184,3 +184,12 @@ def test_export_refuses_what_it_cannot_merge(tiny_model_dir, tmp_path, capsys):
     assert "needs --output_dir" in capsys.readouterr().err
     assert main(["export", "--ckpt_dir", "latest", "--output_dir", str(tmp_path), "--merge_lora", "true"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_packed_training_learns(tiny_model_dir, color_data, tmp_path):
+    """--packing true: rows concatenated per batch (no padding) still train to the task."""
+    train, test = color_data
+    last = run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(train), output_dir=str(tmp_path), sft_type="full", freeze_vit=False, freeze_aligner=False, packing=True, max_steps=50, learning_rate=3e-3, logging_steps=10, save_steps=50, **FAST))
+    curve = losses(last.parent)
+    assert curve[50] < curve[1] / 5, curve
+    assert accuracy(load_model(last, dtype="fp32"), test) >= 0.75

@@ -132,6 +132,7 @@ def load_model(
     max_length: int | None = None,
     max_tiles: int | None = None,
     merge_adapter: bool = False,
+    attn_impl: str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer + template + tiler, ready for `inference()` or training."""
     import torch
@@ -154,7 +155,7 @@ def load_model(
         # ms-swift's note: the int8 v1.5 model gives garbled output or inf/nan unless run in bf16.
         raise ModelLoadError(f"{spec.model_type} must run with --dtype bf16 (fp16 overflows into inf/nan)")
 
-    kwargs = dict(dtype=torch_dtype(dtype), attn_implementation=attn_implementation(use_flash_attn))
+    kwargs = dict(dtype=torch_dtype(dtype), attn_implementation=attn_impl or attn_implementation(use_flash_attn))
     device_map = device_map if device_map is not None else default_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map

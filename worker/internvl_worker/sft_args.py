@@ -30,6 +30,9 @@ class SftArguments:
     max_length: int = field(default=2048, metadata={"help": "rows longer than this (image tokens included) are dropped"})
     max_num: int | None = field(default=None, metadata={"help": "max 448-px tiles per image (default: the model's)"})
     dataloader_num_workers: int = field(default=2, metadata={"help": "processes that decode and tile images"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch rows of similar length together (less padding)"})
+    packing: bool = field(default=False, metadata={"help": "concatenate each batch's rows into one sequence with per-row attention (no padding at all)"})
+    attn_impl: str | None = field(default=None, metadata={"help": "attention kernel: sdpa | flex_attention | flash_attention_2 | eager (default: flash-attn if installed and asked for, else sdpa)"})
     # method
     sft_type: str = field(default="lora", metadata={"help": "lora | full"})
     lora_rank: int = 8
@@ -86,6 +89,8 @@ class SftArguments:
             problems.append("--num_train_epochs or --max_steps must be positive")
         if self.deepspeed and self.deepspeed not in DEEPSPEED_PRESETS and not os.path.isfile(self.deepspeed):
             problems.append(f"--deepspeed {self.deepspeed!r}: use {' or '.join(DEEPSPEED_PRESETS)} or a path to a JSON config")
+        if self.attn_impl not in (None, "sdpa", "flex_attention", "flash_attention_2", "eager"):
+            problems.append(f"--attn_impl {self.attn_impl!r}: use sdpa, flex_attention, flash_attention_2 or eager")
         if self.max_num is not None and self.max_num < 1:
             problems.append(f"--max_num must be at least 1, got {self.max_num}")
         return problems

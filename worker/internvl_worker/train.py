@@ -79,8 +79,20 @@ class SftDataset(torch.utils.data.Dataset):
         return {"input_ids": torch.tensor(enc.input_ids), "labels": torch.tensor(enc.labels), "pixel_values": pixel_values}
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest row; concatenate all tiles of the batch in row order."""
+def collate(batch: list[dict], pad_id: int, packing: bool = False) -> dict:
+    """Right-pad to the longest row, or (packing) concatenate the rows into one sequence whose position
+    ids restart at 0 for each row: with no attention mask, transformers reads the restarts as row
+    boundaries and keeps attention inside each row. Tiles of all rows are concatenated in row order."""
+    tiles = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    if packing:
+        out = {
+            "input_ids": torch.cat([b["input_ids"] for b in batch])[None],
+            "labels": torch.cat([b["labels"] for b in batch])[None],
+            "position_ids": torch.cat([torch.arange(len(b["input_ids"])) for b in batch])[None],
+        }
+        if tiles:
+            out["pixel_values"] = torch.cat(tiles)
+        return out
     longest = max(len(b["input_ids"]) for b in batch)
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
@@ -89,7 +101,6 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         n = len(b["input_ids"])
         input_ids[k, :n], labels[k, :n], attention_mask[k, :n] = b["input_ids"], b["labels"], 1
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    tiles = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
     if tiles:
         out["pixel_values"] = torch.cat(tiles)
     return out
@@ -142,6 +153,25 @@ def write_rows_jsonl(path: Path, rows) -> None:
 
 
 # --------------------------------------------------------------------------------------------- model
+
+
+def answer_loss_sum(model, inputs: dict):
+    """(summed cross-entropy over the answer tokens, their count, model outputs).
+
+    Most positions of a VLM sample are image and prompt tokens (label -100), so the LM head runs only
+    where a label follows (`logits_to_keep` as a boolean mask): for a 2,500-token row with a 200-token
+    answer that is 12x fewer 151,674-wide fp32 logits than the usual full-sequence loss."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    # use_cache=False also matters for packing: transformers reads position-id restarts as row
+    # boundaries only when no KV cache is being built.
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum()), outputs
+
 
 
 def lora_target_modules(model, targets: str, default_regex: str):
@@ -273,8 +303,9 @@ def make_trainer_class():
                 self.bar.close()
 
     class InternVLTrainer(Trainer):
-        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, **kw):
+        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, group_by_length: bool = False, packing: bool = False, **kw):
             super().__init__(*a, **kw)
+            self.group_by_length, self.packing = group_by_length, packing
             self.run_dir, self.save_extras, self.keep_checkpoints = run_dir, save_extras, keep_checkpoints
             self.max_nonfinite_steps = max_nonfinite_steps
             self.tokens_seen = 0
@@ -288,9 +319,18 @@ def make_trainer_class():
             self.add_callback(ProgressLog(self, run_dir))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self.tokens_seen += int(inputs["attention_mask"].sum())
-            outputs = model(**inputs)
-            loss = outputs.loss
+            """Cross-entropy on the answer tokens only (answer_loss_sum), normalised as transformers does."""
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            loss, n_targets, outputs = answer_loss_sum(model, inputs)
+            if num_items_in_batch is not None:
+                # Normalised by the answer tokens of the whole accumulated (and, across GPUs, global) batch,
+                # as transformers does; DDP's gradient averaging is undone by the world-size factor.
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes
+            else:
+                loss = loss / max(n_targets, 1)
             if "pixel_values" not in inputs and self.vision_trainable:
                 # No image in this batch: still run the vision tower on one blank tile (weight 0), so DDP
                 # and ZeRO see a gradient for every trainable vision parameter on every rank.
@@ -305,6 +345,13 @@ def make_trainer_class():
             param = next(base.model.vision_tower.parameters())
             blank = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
             return base.model.get_image_features(pixel_values=blank).pooler_output
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.group_by_length and not self.packing:
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+
+                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=self.train_dataset.lengths)
+            return super()._get_train_sampler(train_dataset)
 
         def create_optimizer(self, *a, **kw):
             optimizer = super().create_optimizer(*a, **kw)
@@ -421,6 +468,7 @@ def run_sft(args: SftArguments) -> Path:
         device_map=device_map,
         max_length=args.max_length,
         max_tiles=args.max_num,
+        attn_impl=args.attn_impl,
     )
     spec, template, tokenizer = loaded.spec, loaded.template, loaded.template.tokenizer
     run_dir, resume = resolve_run_dir(args, spec.model_type)
@@ -506,6 +554,8 @@ def run_sft(args: SftArguments) -> Path:
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
         save_only_model=False,
+        prediction_loss_only=True,
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
     )
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(
@@ -513,12 +563,14 @@ def run_sft(args: SftArguments) -> Path:
         args=training_args,
         train_dataset=SftDataset(train_rows, template, train_lengths),
         eval_dataset=SftDataset(val_rows, template, val_lengths) if val_rows else None,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, packing=args.packing),
         processing_class=tokenizer,
         run_dir=run_dir,
         save_extras=save_extras,
         max_nonfinite_steps=args.max_nonfinite_steps,
         keep_checkpoints=args.save_total_limit,
+        group_by_length=args.group_by_length,
+        packing=args.packing,
     )
     if rank == 0:
         print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)
