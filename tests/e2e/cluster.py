@@ -350,7 +350,7 @@ class Namespace:
         self.dir = cluster.root / "namespaces" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.operator = OperatorProcess(cluster.kubeconfig, name, self.dir / "operator.log")
-        self._port_forwards: list[subprocess.Popen] = []
+        self._proxies: list[subprocess.Popen] = []
 
     # ---- setup / teardown
     def create(self, *, dataset: str | None = None) -> "Namespace":
@@ -404,7 +404,7 @@ class Namespace:
 
     def close(self) -> None:
         self.operator.stop()
-        for pf in self._port_forwards:
+        for pf in self._proxies:
             pf.kill()
             pf.wait(5)
         # Deleting the namespace deletes everything in it (and the kubelet stops its processes).
@@ -455,25 +455,41 @@ class Namespace:
         return self.wait(ready, timeout=timeout, what=f"InternVLFineTune {name} to reach {sorted(phases)}")
 
     def service_url(self, service: str, port: int = 80, timeout: float = 60) -> str:
-        """A URL on this machine for a Service: the kubelet's loopback port, or `kubectl port-forward`."""
+        """A URL on this machine for a Service: the process kubelet's loopback port of a ready backend, or
+        on a real cluster the API server's service proxy through `kubectl proxy` (plain HTTP on loopback)."""
         if not self.cluster.real:
             kubelet = self.cluster.kubelet
             return self.wait(lambda: kubelet.service_url(self.name, service, port), timeout=timeout,
                              what=f"a ready backend behind Service {service}")
-        argv = [kubectl_path(), "--kubeconfig", self.cluster.kubeconfig, "-n", self.name, "port-forward",
-                f"svc/{service}", f":{port}"]
-        pf = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._port_forwards.append(pf)
-        assert pf.stdout is not None
+        base = self._kubectl_proxy(timeout)
+        url = f"{base}/api/v1/namespaces/{self.name}/services/{service}:{port}/proxy/"
+
+        def answers():
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(url + "health", timeout=5) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        self.wait(answers, timeout=timeout, what=f"GET {url}health through kubectl proxy")
+        return url
+
+    def _kubectl_proxy(self, timeout: float) -> str:
+        argv = [kubectl_path(), "--kubeconfig", self.cluster.kubeconfig, "proxy", "--port=0"]
+        proxy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._proxies.append(proxy)
+        assert proxy.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            line = pf.stdout.readline()
-            match = re.search(r"Forwarding from 127\.0\.0\.1:(\d+)", line or "")
+            line = proxy.stdout.readline()
+            match = re.search(r"Starting to serve on 127\.0\.0\.1:(\d+)", line or "")
             if match:
                 return f"http://127.0.0.1:{match.group(1)}"
-            if not line and pf.poll() is not None:
+            if not line and proxy.poll() is not None:
                 break
-        raise AssertionError(f"kubectl port-forward svc/{service} did not start\n{self.diagnose()}")
+        raise AssertionError(f"kubectl proxy did not start\n{self.diagnose()}")
 
     # ---- diagnostics
     def diagnose(self) -> str:

@@ -84,9 +84,8 @@ def test_apply_trains_merges_and_serves(e2e_ns):
                 for obj in ns.list(kind) if not obj["metadata"]["name"].startswith("tiny-model")]
 
     ns.wait(lambda: not leftovers(), timeout=90, what="the fine-tune's children to be deleted")
-    if not ns.cluster.real:  # the port-forward of a real cluster dies with the pod anyway
-        with pytest.raises(Exception):
-            client.generate("hello", max_new_tokens=1)
+    with pytest.raises(Exception):  # nobody answers any more (connection refused, or 503 from the proxy)
+        client.generate("hello", max_new_tokens=1)
 
 
 def test_bad_dataset_fails_at_data_check_with_the_row(e2e_ns):
@@ -195,12 +194,15 @@ def test_suspend_stops_training_and_resume_continues_from_the_checkpoint(e2e_ns)
                   what="a new training pod")[0]["metadata"]["name"]
     resumed = ns.wait(lambda: '"event": "start"' in ns.log(pod) and start_event(ns.log(pod))["resume_from"],
                       timeout=120, what=f"pod {pod} to start training")
-    assert resumed.rstrip("/").endswith(checkpoint.rsplit("/", 1)[-1]), (resumed, checkpoint)
+    # The new pod continues from a checkpoint the suspended one wrote: the one in status at suspend time, or a
+    # later one if that pod saved again before it was stopped (it trains until its pod is deleted).
+    match = re.search(r"checkpoint-(\d+)/?$", resumed)
+    assert match and int(match.group(1)) >= int(checkpoint.rsplit("-", 1)[-1]), (resumed, checkpoint)
+    step = int(match.group(1))
     if emulated:
         cr = ns.wait_finetune(NAME, phases={"Succeeded"}, timeout=180)
         assert cr["status"]["progress"]["summary"] == "10/10"
         assert condition(cr, "Suspended")["status"] == "False"
     else:
-        step = int(checkpoint.rsplit("-", 1)[-1])
         ns.wait_finetune(NAME, phases={"Training"}, timeout=180,
                          check=lambda cr: (cr["status"].get("progress") or {}).get("step", 0) > step)

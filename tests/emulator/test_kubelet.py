@@ -4,6 +4,7 @@ ready through its HTTP readiness probe and a crashed server is restarted."""
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -148,7 +149,7 @@ http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()
 """
 
 
-def test_deployment_ready_via_probe_and_restart(kube_client, kubelet):
+def test_deployment_ready_via_probe_and_restart(kube_api, kube_client, kubelet):
     apps, core = client.AppsV1Api(kube_client), client.CoreV1Api(kube_client)
     core.create_namespaced_config_map("default", {"metadata": {"name": "cfg"}, "data": {"msg": "hi"}})
     apps.create_namespaced_deployment("default", {"metadata": {"name": "web"}, "spec": {
@@ -168,6 +169,15 @@ def test_deployment_ready_via_probe_and_restart(kube_client, kubelet):
     assert urllib.request.urlopen(url + "/").read() == b"ok hi"
     svc = core.read_namespaced_service("web", "default")
     assert json.loads(svc.metadata.annotations["kubelet.internvl.test/ports"]) == {"80": int(url.rsplit(":", 1)[1])}
+    # The API server's service proxy (the URLs `kubectl proxy` serves) reaches the same backend.
+    proxy = f"{kube_api.url}/api/v1/namespaces/default/services"
+    assert urllib.request.urlopen(f"{proxy}/web:80/proxy/any/path?x=1").read() == b"ok hi"
+    assert urllib.request.urlopen(f"{proxy}/web/proxy/").read() == b"ok hi"
+    core.create_namespaced_service("default", {"metadata": {"name": "nobody"}, "spec": {
+        "selector": {"app": "none"}, "ports": [{"port": 80}]}})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{proxy}/nobody/proxy/")
+    assert info.value.code == 503 and b"no endpoints available" in info.value.read()
     try:
         urllib.request.urlopen(url + "/crash", timeout=2)
     except Exception:

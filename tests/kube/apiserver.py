@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 VERSION_INFO = {"major": "1", "minor": "37", "gitVersion": "v1.37.0-emulator", "gitCommit": "emulator",
                 "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25",
                 "compiler": "gc", "platform": "linux/amd64"}
+# Written on Services by the process kubelet: {"<service port>": <loopback port of a ready backend>}.
+SERVICE_PORTS_ANNOTATION = "kubelet.internvl.test/ports"
 PATCH_TYPES = {"application/merge-patch+json": "merge", "application/json-patch+json": "json",
                "application/strategic-merge-patch+json": "strategic", "application/apply-patch+yaml": "apply",
                "application/apply-patch+cbor": "apply"}
@@ -300,6 +303,38 @@ class ApiServer:
         rec.status = resp.status
         return resp
 
+    async def _service_proxy(self, request, rt, route) -> web.StreamResponse:
+        """`services/<name>[:<port>]/proxy/<path>` (what `kubectl proxy` URLs use): forwarded to the loopback
+        port of a ready backend, which the process kubelet writes on the Service (annotation
+        kubelet.internvl.test/ports, {"<service port>": <host port>}). 503 when no backend is ready."""
+        name, _, port = route.name.partition(":")
+        svc = self.store.get(rt, route.namespace, name)
+        spec_ports = (svc.get("spec") or {}).get("ports") or []
+        if not port:
+            port = str(spec_ports[0]["port"]) if spec_ports else ""
+        elif not port.isdigit():
+            port = next((str(p["port"]) for p in spec_ports if p.get("name") == port), port)
+        backends = json.loads((svc["metadata"].get("annotations") or {}).get(SERVICE_PORTS_ANNOTATION) or "{}")
+        if str(port) not in backends:
+            raise ApiError(503, "ServiceUnavailable", f'no endpoints available for service "{name}"')
+        target = f"http://127.0.0.1:{backends[str(port)]}/{route.sub[len('proxy'):].lstrip('/')}"
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
+        body = await request.read()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
+            try:
+                async with session.request(request.method, target, params=request.rel_url.query, data=body or None,
+                                           headers=headers) as upstream:
+                    resp = web.StreamResponse(status=upstream.status)
+                    if "Content-Type" in upstream.headers:
+                        resp.headers["Content-Type"] = upstream.headers["Content-Type"]
+                    await resp.prepare(request)
+                    async for chunk in upstream.content.iter_any():  # streams (SSE) pass through as they come
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                    return resp
+            except aiohttp.ClientConnectionError as exc:
+                raise ApiError(503, "ServiceUnavailable", f"error trying to reach service: {exc}") from exc
+
     @staticmethod
     def _json(body, status: int = 200, warnings=None) -> web.Response:
         headers = {"Cache-Control": "no-cache, private"}
@@ -324,6 +359,8 @@ class ApiServer:
                     strict=query.get("fieldValidation") == "Strict")
         manager = query.get("fieldManager")
         warnings: list[str] = []
+        if rt.plural == "services" and route.name and (route.sub == "proxy" or route.sub.startswith("proxy/")):
+            return await self._service_proxy(request, rt, route)
         if route.sub and route.sub not in ("status",) and not (route.sub in ("log", "binding") and rt.plural == "pods") \
                 and not (route.sub == "finalize" and rt.plural == "namespaces"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
