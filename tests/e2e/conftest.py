@@ -38,6 +38,13 @@ def e2e_cluster(tmp_path_factory):
         cluster.stop()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)  # lets e2e_ns know whether the test body passed
+    return report
+
+
 @pytest.fixture
 def e2e_ns(e2e_cluster, request):
     """A fresh namespace with PVCs `models` (tiny model) and `internvl-output`, ConfigMap `tiny-dataset`,
@@ -47,5 +54,10 @@ def e2e_ns(e2e_cluster, request):
     try:
         ns.create()
         yield ns
+        call = getattr(request.node, "rep_call", None)
+        if call is not None and call.passed:
+            # A passing run must not hide handler crashes that Kopf retried its way around.
+            errors = ns.operator.errors()
+            assert not errors, f"the operator logged errors:\n{ns.operator.log_tail(80)}"
     finally:
         ns.close()

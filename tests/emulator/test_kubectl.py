@@ -99,3 +99,12 @@ def test_logs(kube_api, kubectl):
         fh.write("".join(f"line {i}\n" for i in range(10)))
     assert kubectl("logs", "p").stdout.splitlines()[-1] == "line 9"
     assert kubectl("logs", "p", "--tail=2").stdout.splitlines() == ["line 8", "line 9"]
+
+
+def test_finished_job_duration_stops_at_completion_time():
+    from tests.kube.table import _job_cells
+
+    job = {"spec": {"completions": 1}, "status": {"succeeded": 1, "startTime": "2026-01-01T00:00:00Z",
+                                                   "completionTime": "2026-01-01T00:00:07Z",
+                                                   "conditions": [{"type": "Complete", "status": "True"}]}}
+    assert _job_cells(job) == ["Complete", "1/1", "7s"]

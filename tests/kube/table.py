@@ -10,15 +10,17 @@ import datetime as dt
 import re
 
 
-def human_age(ts: str | None) -> str:
-    """The short age kubectl prints (`45s`, `3m12s`, `5h`, `2d`)."""
+def human_age(ts: str | None, end: str | None = None) -> str:
+    """The short age kubectl prints (`45s`, `3m12s`, `5h`, `2d`), from ts to now (or to `end`)."""
     if not ts:
         return "<unknown>"
     try:
         then = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        until = (dt.datetime.strptime(end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc) if end
+                 else dt.datetime.now(dt.timezone.utc))
     except ValueError:
         return ts
-    s = int((dt.datetime.now(dt.timezone.utc) - then).total_seconds())
+    s = int((until - then).total_seconds())
     if s < 0:
         return "0s"
     if s < 120:
@@ -84,7 +86,8 @@ def _job_cells(o):
     status = ("Complete" if conds.get("Complete") == "True" else "Failed" if conds.get("Failed") == "True"
               else "Suspended" if conds.get("Suspended") == "True" else "Running")
     return [status, f"{st.get('succeeded', 0)}/{(o.get('spec') or {}).get('completions', 1)}",
-            human_age(st.get("startTime")) if st.get("startTime") else ""]
+            # a finished Job's duration stops at its completionTime, as kubectl prints it
+            human_age(st.get("startTime"), st.get("completionTime")) if st.get("startTime") else ""]
 
 
 def _pod_cells(o):
