@@ -1,4 +1,4 @@
-"""e2e fixtures: one cluster per session (the emulator + process kubelet, or a real cluster with
+"""e2e fixtures: one cluster for the package (the emulator + process kubelet, or a real cluster with
 INTERNVL_E2E_REAL=1 and KUBECONFIG), one namespace and one `internvl-operator` per test."""
 import sys
 from pathlib import Path
@@ -20,7 +20,7 @@ def pytest_configure(config):
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # torn down after tests/e2e, not left running through the rest of a CI run
 def e2e_cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     models_dir = None
