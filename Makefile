@@ -5,7 +5,7 @@ PIP := $(PY) -m pip install -q
 # torch 2.13.0 (CPU build) lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-gpu crds clean
+.PHONY: install demo test test-gpu e2e local-cluster crds clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ test: install
 
 test-gpu: install
 	$(VENV)/bin/pytest -q -m gpu
+
+# The end-to-end suite alone: kubectl apply of a fine-tune -> data check -> training -> merge -> serving,
+# against the in-process API emulator and process kubelet (or a real cluster: see tests/e2e/README.md).
+e2e: install
+	$(VENV)/bin/pytest -q -m e2e tests/e2e
+
+# A stand-in cluster for a person: API emulator + process kubelet + the operator; prints the kubectl setup.
+local-cluster: install
+	$(PY) -m tests.e2e.local_cluster
 
 # Regenerate crds/ from the operator's pydantic models, its README field reference, and the chart's copy.
 crds: install

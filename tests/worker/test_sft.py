@@ -193,3 +193,16 @@ def test_packed_training_learns(tiny_model_dir, color_data, tmp_path):
     curve = losses(last.parent)
     assert curve[50] < curve[1] / 5, curve
     assert accuracy(load_model(last, dtype="fp32"), test) >= 0.75
+
+
+def test_resuming_a_finished_run_trains_nothing(tiny_model_dir, color_data, tmp_path, capsys):
+    train, _ = color_data
+    args = dict(model_id_or_path=str(tiny_model_dir), dataset=str(train), output_dir=str(tmp_path), add_output_dir_suffix=False, sft_type="full", max_steps=3, save_steps=3, logging_steps=1, resume_from_checkpoint="latest", **FAST)
+    last = run_sft(SftArguments(**args))
+    weights = (last / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    again = run_sft(SftArguments(**args))  # what a retried Job does after the run already finished
+    out = capsys.readouterr().out
+    assert again == last and '"already_finished": true' in out and '"event": "progress"' not in out
+    assert (last / "model.safetensors").stat().st_mtime_ns == weights
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]

@@ -110,7 +110,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser, str2bool) -> None:
     """One flag per field, spelled as the field (ms-swift style: --lora_rank 8, --freeze_vit true)."""
     for f in fields(SftArguments):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = f.default
         if "bool" in kind:
             parser.add_argument(f"--{f.name}", type=str2bool, default=default, metavar="BOOL", help=f"{help_text} (default: {default})")

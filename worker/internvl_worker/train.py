@@ -441,6 +441,17 @@ def resolve_run_dir(args: SftArguments, model_type: str) -> tuple[Path, Path | N
     return ckpt.new_run_dir(args.output_dir, model_type), None
 
 
+def finished_step(resume: Path | None, args: SftArguments) -> int | None:
+    """The checkpoint's step if it already ends the run it belongs to (and --max_steps asks no more)."""
+    if resume is None or not (resume / "trainer_state.json").is_file():
+        return None
+    state = json.loads((resume / "trainer_state.json").read_text())
+    step, planned = state.get("global_step", 0), state.get("max_steps", 0)
+    if planned and step >= planned and (args.max_steps <= 0 or args.max_steps <= step):
+        return step
+    return None
+
+
 def run_sft(args: SftArguments) -> Path:
     """Train; returns the last checkpoint directory."""
     from transformers import TrainingArguments, set_seed
@@ -472,6 +483,12 @@ def run_sft(args: SftArguments) -> Path:
     )
     spec, template, tokenizer = loaded.spec, loaded.template, loaded.template.tokenizer
     run_dir, resume = resolve_run_dir(args, spec.model_type)
+    finished = finished_step(resume, args)
+    if finished is not None:
+        # A retried Job whose run already reached its last step: report it, train nothing more.
+        if rank == 0:
+            print(json.dumps({"event": "done", "checkpoint": str(resume), "step": finished, "already_finished": True}), flush=True)
+        return resume
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir / ckpt.STAGING, ignore_errors=True)  # a save that was cut off
