@@ -176,14 +176,14 @@ def _placement(placement: api.PodPlacement | None) -> dict[str, Any]:
 
 
 def _resources(
-    requested: api.ResourceRequirements | None, default: dict[str, Any], *, gpus: int = 0
+    requested: api.ResourceRequirements | None, default: dict[str, Any], *, gpus: int = 0, gpu_name: str = "nvidia.com/gpu"
 ) -> dict[str, Any]:
     resources = requested.model_dump(by_alias=True, exclude_none=True) if requested else {}
     if not resources:
         resources = {k: dict(v) for k, v in default.items()}
     if gpus:
         # Extended resources go in limits; requests default to the same value.
-        resources.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+        resources.setdefault("limits", {})[gpu_name] = gpus
     return resources
 
 
@@ -362,7 +362,7 @@ def build_train_job(ft: api.InternVLFineTune, settings: OperatorSettings = DEFAU
         "args": args,
         "env": parts.env,
         "ports": [{"name": "rendezvous", "containerPort": c.RENDEZVOUS_PORT}],
-        "resources": _resources(spec.resources, settings.train_default_resources, gpus=spec.gpus_per_node),
+        "resources": _resources(spec.resources, settings.train_default_resources, gpus=spec.gpus_per_node, gpu_name=settings.gpu_resource_name),
         "volumeMounts": parts.mounts,
     }
     pod_spec: dict[str, Any] = {
@@ -601,7 +601,7 @@ def build_deployment(svc: api.InternVLService, settings: OperatorSettings = DEFA
         "args": args,
         "env": parts.env,
         "ports": [{"name": "http", "containerPort": c.WORKER_PORT}],
-        "resources": _resources(spec.resources, {}, gpus=spec.gpus),
+        "resources": _resources(spec.resources, {}, gpus=spec.gpus, gpu_name=settings.gpu_resource_name),
         "volumeMounts": parts.mounts,
         # Loading 26B weights from a PVC takes minutes: the startup probe allows startupTimeoutSeconds
         # (checked every 10 s) before liveness may restart the pod.

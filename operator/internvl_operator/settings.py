@@ -47,6 +47,8 @@ class OperatorSettings(BaseSettings):
     train_default_resources: dict = Field(
         default_factory=lambda: {"requests": {"cpu": "8", "memory": "64Gi"}}
     )
+    #: The extended resource that GPU pods request (e.g. amd.com/gpu, or a MIG profile like nvidia.com/mig-3g.40gb).
+    gpu_resource_name: str = "nvidia.com/gpu"
     #: /dev/shm size for training and serving pods: NCCL and DataLoader workers need more than the 64 MiB default.
     shm_size: str = "16Gi"
     #: Seconds between status polls of running fine-tunes and services (progress, pod failures).

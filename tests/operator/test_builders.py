@@ -329,3 +329,14 @@ def test_unresolved_fine_tune_reference_is_refused():
     ft = ft_of(model={"modelType": "internvl3-1b", "fromFineTune": "other"})
     with pytest.raises(ValueError, match="resolved"):
         builders.build_train_job(ft, SETTINGS)
+
+
+def test_gpu_resource_name_comes_from_settings():
+    """A cluster with AMD GPUs or MIG slices names its GPU resource differently: the setting decides."""
+    from internvl_operator import builders
+    from internvl_operator.settings import OperatorSettings
+
+    custom = SETTINGS.model_copy(update={"gpu_resource_name": "nvidia.com/mig-3g.40gb"})
+    limits = container(builders.build_train_job(ft_of(), custom))["resources"]["limits"]
+    assert limits.get("nvidia.com/mig-3g.40gb") == 1 and "nvidia.com/gpu" not in limits
+    assert OperatorSettings().gpu_resource_name == "nvidia.com/gpu"
