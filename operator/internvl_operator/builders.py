@@ -226,6 +226,46 @@ def _job(
 # --------------------------------------------------------------------------- fine-tune children
 
 
+def _cpu_worker_job(
+    ft: api.InternVLFineTune,
+    settings: OperatorSettings,
+    *,
+    step: str,
+    job_name: str,
+    component: str,
+    args: list[str],
+    parts,
+    resources: dict[str, Any],
+    backoff_limit: int,
+) -> dict[str, Any]:
+    """A CPU Job running one `internvl` command in the worker image (data check, merge)."""
+    container = {
+        "name": step,
+        "image": ft.spec.image or settings.worker_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["internvl"],
+        "args": args,
+        "env": parts.env,
+        "resources": _resources(None, resources),
+        "volumeMounts": parts.mounts,
+    }
+    pod_spec = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": parts.volumes,
+        **_placement(_cpu_placement(ft.spec.placement)),
+    }
+    return _job(
+        name=job_name,
+        namespace=ft.namespace,
+        labels=finetune_labels(ft.name, component),
+        pod_spec=pod_spec,
+        backoff_limit=backoff_limit,
+        ttl=ft.spec.ttl_seconds_after_finished,
+        generation=ft.metadata.generation,
+    )
+
+
 def build_datacheck_job(ft: api.InternVLFineTune, settings: OperatorSettings = DEFAULT_SETTINGS) -> dict[str, Any]:
     """CPU Job running `internvl data check`: bad rows fail here, before any GPU is held."""
     parts, model_arg = _finetune_parts(ft, with_data=True)
@@ -237,30 +277,16 @@ def build_datacheck_job(ft: api.InternVLFineTune, settings: OperatorSettings = D
         "--max_length", str(ft.spec.training.max_length),
         "--report", f"{run_dir}/datacheck.json",
     ]  # fmt: skip
-    container = {
-        "name": "datacheck",
-        "image": ft.spec.image or settings.worker_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": ["internvl"],
-        "args": args,
-        "env": parts.env,
-        "resources": _resources(None, settings.datacheck_resources),
-        "volumeMounts": parts.mounts,
-    }
-    pod_spec = {
-        "restartPolicy": "Never",
-        "containers": [container],
-        "volumes": parts.volumes,
-        **_placement(_cpu_placement(ft.spec.placement)),
-    }
-    return _job(
-        name=datacheck_job_name(ft.name),
-        namespace=ft.namespace,
-        labels=finetune_labels(ft.name, c.COMPONENT_DATACHECK),
-        pod_spec=pod_spec,
+    return _cpu_worker_job(
+        ft,
+        settings,
+        step="datacheck",
+        job_name=datacheck_job_name(ft.name),
+        component=c.COMPONENT_DATACHECK,
+        args=args,
+        parts=parts,
+        resources=settings.datacheck_resources,
         backoff_limit=0,  # a bad row is bad on every retry
-        ttl=ft.spec.ttl_seconds_after_finished,
-        generation=ft.metadata.generation,
     )
 
 
@@ -421,31 +447,17 @@ def build_merge_job(ft: api.InternVLFineTune, settings: OperatorSettings = DEFAU
     """`internvl export --merge_lora true` on the latest checkpoint; writes <run dir>/merged."""
     parts, _ = _finetune_parts(ft, with_data=False)
     run_dir = _join(c.OUTPUT_MOUNT, run_directory(ft.name))
-    container = {
-        "name": "merge",
-        "image": ft.spec.image or settings.worker_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": ["internvl"],
+    return _cpu_worker_job(
+        ft,
+        settings,
+        step="merge",
+        job_name=merge_job_name(ft.name),
+        component=c.COMPONENT_MERGE,
         # "latest" = the checkpoint named in <output_dir>/latest_checkpoint (the worker resolves it).
-        "args": ["export", "--ckpt_dir", "latest", "--output_dir", run_dir, "--merge_lora", "true"],
-        "env": parts.env,
-        "resources": _resources(None, settings.merge_resources),
-        "volumeMounts": parts.mounts,
-    }
-    pod_spec = {
-        "restartPolicy": "Never",
-        "containers": [container],
-        "volumes": parts.volumes,
-        **_placement(_cpu_placement(ft.spec.placement)),
-    }
-    return _job(
-        name=merge_job_name(ft.name),
-        namespace=ft.namespace,
-        labels=finetune_labels(ft.name, c.COMPONENT_MERGE),
-        pod_spec=pod_spec,
+        args=["export", "--ckpt_dir", "latest", "--output_dir", run_dir, "--merge_lora", "true"],
+        parts=parts,
+        resources=settings.merge_resources,
         backoff_limit=1,
-        ttl=ft.spec.ttl_seconds_after_finished,
-        generation=ft.metadata.generation,
     )
 
 
