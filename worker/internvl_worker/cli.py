@@ -30,9 +30,10 @@ USER_ERRORS = (ModelLoadError, UnknownModelType, ImageError, TemplateError, RowE
 
 
 def _user_errors():
+    from .checkpoints import CheckpointSaveError
     from .train import SftConfigError
 
-    return USER_ERRORS + (SftConfigError,)
+    return USER_ERRORS + (SftConfigError, CheckpointSaveError)
 
 
 def str2bool(value: str) -> bool:

@@ -10,6 +10,7 @@ Relative image paths are resolved against the dataset file's folder.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,9 @@ def parse_row(obj) -> Conversation:
     return conv
 
 
+TOO_DEEP = "not valid JSON (nested too deeply)"
+
+
 def iter_raw_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line or item number, decoded JSON or a RowError) for every row of a .jsonl or .json file."""
     if path.suffix == ".json":
@@ -133,6 +137,9 @@ def iter_raw_rows(path: Path) -> Iterator[tuple[int, object]]:
             items = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             yield getattr(e, "lineno", 1), RowError(f"not valid JSON: {e}")
+            return
+        except RecursionError:
+            yield 1, RowError(TOO_DEEP)
             return
         if not isinstance(items, list):
             yield 1, RowError("a .json dataset must be a JSON array of rows")
@@ -149,13 +156,43 @@ def iter_raw_rows(path: Path) -> Iterator[tuple[int, object]]:
             if not text:
                 continue
             try:
-                yield lineno, json.loads(text)
+                obj = json.loads(text)
             except json.JSONDecodeError as e:
-                yield lineno, RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+                obj = RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+            except RecursionError:  # `[[[[...` thousands deep: the decoder's own limit, not a crash
+                obj = RowError(TOO_DEEP)
+            yield lineno, obj
 
 
-def resolve_image_paths(conv: Conversation, base_dir: Path) -> Conversation:
-    images = [src if src.startswith(("http://", "https://", "data:")) or Path(src).is_absolute() else str(base_dir / src) for src in conv.images]
+# Relative image paths must stay inside the dataset's folder: a row saying `../../etc/passwd` (or
+# `imgs/../../../var/run/secrets/...`) is refused unless this is set. The check is lexical (`..` segments),
+# so symlinks a dataset's owner put inside the folder keep working. Absolute paths are the writer's explicit
+# choice (ms-swift datasets often use them) and are allowed; every path is only ever decoded as an image.
+ALLOW_OUTSIDE_ENV = "INTERNVL_ALLOW_PATHS_OUTSIDE_DATASET"
+
+
+def allow_paths_outside_dataset() -> bool:
+    return os.environ.get(ALLOW_OUTSIDE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_image_paths(conv: Conversation, base_dir: Path, *, allow_outside: bool | None = None) -> Conversation:
+    """Relative image paths joined to base_dir; RowError for one that climbs out of it (see ALLOW_OUTSIDE_ENV)."""
+    if allow_outside is None:
+        allow_outside = allow_paths_outside_dataset()
+    images = []
+    for src in conv.images:
+        if src.startswith(("http://", "https://", "data:")) or Path(src).is_absolute():
+            images.append(src)
+            continue
+        joined = os.path.normpath(os.path.join(base_dir, src))
+        root = os.path.normpath(str(base_dir))
+        if not allow_outside and os.path.commonpath([root, joined]) != root:
+            shown = src if len(src) <= 80 else src[:60] + "..." + src[-12:]
+            raise RowError(
+                f"image path {shown!r} points outside the dataset folder {root}; "
+                f"use a path inside it, an absolute path, or set {ALLOW_OUTSIDE_ENV}=1"
+            )
+        images.append(joined)
     return Conversation(turns=conv.turns, images=images, system=conv.system)
 
 
@@ -170,10 +207,10 @@ def read_dataset(paths: str | Path | list) -> list[Row]:
             if isinstance(obj, RowError):
                 raise RowError(f"{path}:{line}: {obj}")
             try:
-                conv = parse_row(obj)
+                conv = resolve_image_paths(parse_row(obj), path.parent)
             except RowError as e:
                 raise RowError(f"{path}:{line}: {e}") from None
-            rows.append(Row(path, line, resolve_image_paths(conv, path.parent)))
+            rows.append(Row(path, line, conv))
     return rows
 
 

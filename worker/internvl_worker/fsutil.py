@@ -42,8 +42,10 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        # A build killed earlier (another pid: a retried pod) left its `.tmp-` copy; it can only be
+        # half of one, and a merged 26B model is 50 GB of the volume, so clear it before writing again.
+        for stale in self.final.parent.glob(f".tmp-{self.final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
 

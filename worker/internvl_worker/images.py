@@ -15,6 +15,7 @@ import binascii
 import io
 import ipaddress
 import socket
+import time
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -51,10 +52,21 @@ def _is_private_host(host: str) -> bool:
 def fetch_url(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, allow_private: bool = True, max_redirects: int = 5) -> bytes:
     """GET an image URL with a timeout, a size cap and a content-type check.
 
+    `timeout` bounds the whole fetch (every redirect and the body), not each socket read: a server that
+    drips a byte every few seconds would otherwise hold a worker for as long as it likes.
     With allow_private=False every hop (redirects included) must resolve to a public address, so a
     server inside a cluster cannot be used as a proxy into it.
     """
     import requests
+    import urllib3
+
+    deadline = time.monotonic() + timeout
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ImageError(f"image URL {_short(url)!r} timed out after {timeout:g}s")
+        return left
 
     for _ in range(max_redirects + 1):
         parsed = urllib.parse.urlsplit(url)
@@ -63,7 +75,7 @@ def fetch_url(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYT
         if not allow_private and _is_private_host(parsed.hostname):
             raise ImageError(f"image URL {_short(url)!r} points to a private, loopback or link-local address")
         try:
-            resp = requests.get(url, timeout=timeout, stream=True, allow_redirects=False)
+            resp = requests.get(url, timeout=remaining(), stream=True, allow_redirects=False)
         except requests.Timeout:
             raise ImageError(f"image URL {_short(url)!r} timed out after {timeout:g}s") from None
         except requests.RequestException as e:
@@ -82,11 +94,16 @@ def fetch_url(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYT
                 raise ImageError(f"image URL {_short(url)!r} is {int(declared)} bytes, over the {max_bytes}-byte limit")
             data = bytearray()
             try:
-                for chunk in resp.iter_content(64 * 1024):
+                # read1: what has arrived (one socket read, itself bounded by the timeout), so the
+                # deadline is checked between reads however slowly the bytes come.
+                while chunk := resp.raw.read1(64 * 1024, decode_content=True):
                     data += chunk
                     if len(data) > max_bytes:
                         raise ImageError(f"image URL {_short(url)!r} is over the {max_bytes}-byte limit")
-            except requests.RequestException as e:
+                    remaining()
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+                if isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError, socket.timeout)):
+                    raise ImageError(f"image URL {_short(url)!r} timed out after {timeout:g}s") from None
                 raise ImageError(f"image URL {_short(url)!r} broke off: {type(e).__name__}") from None
             return bytes(data)
     raise ImageError(f"image URL {_short(url)!r}: more than {max_redirects} redirects")
@@ -114,8 +131,10 @@ def open_image_bytes(data: bytes, name: str) -> Image.Image:
                 raise ImageError(f"image {name}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit")
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image {name}: {'not a readable image' if isinstance(e, UnidentifiedImageError) else e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"image {name}: not a readable image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image {name}: over the {MAX_IMAGE_PIXELS}-pixel limit, a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
@@ -152,19 +171,23 @@ def load_image(src, *, base_dir: str | Path | None = None, timeout: float = 10.0
     return open_image_bytes(path.read_bytes(), repr(src))
 
 
-def image_size(src, *, base_dir: str | Path | None = None, verify: bool = True, **kw) -> tuple[int, int]:
+def image_size(src, *, base_dir: str | Path | None = None, verify: bool = True, max_bytes: int = MAX_IMAGE_BYTES, **kw) -> tuple[int, int]:
     """(width, height) after EXIF orientation. Local files: the header, plus a full decode when `verify`
-    (so truncated files are caught); URLs are fetched and decoded."""
+    (so truncated files are caught); URLs are fetched and decoded. The byte limit is the one training
+    applies when it loads the image, so a row that passes the check does not fail mid-run."""
     if isinstance(src, Image.Image):
         return src.size
     s = str(src)
     if s.startswith(("data:", "http://", "https://")):
-        return load_image(s, **kw).size
+        return load_image(s, max_bytes=max_bytes, **kw).size
     path = Path(s).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
     if not path.is_file():
         raise ImageError(f"image {s!r} not found" + (f" (looked in {path.parent})" if base_dir else ""))
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageError(f"image {s!r} is {size} bytes, over the {max_bytes}-byte limit")
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -178,7 +201,11 @@ def image_size(src, *, base_dir: str | Path | None = None, verify: bool = True, 
                 img.load()
     except UnidentifiedImageError:
         raise ImageError(f"image {s!r}: not a readable image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL refuses to open it at all (over twice its own limit)
+        raise ImageError(f"image {s!r}: over the {MAX_IMAGE_PIXELS}-pixel limit, a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"image {s!r}: corrupt or truncated ({e})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

@@ -85,6 +85,29 @@ def check_model_dir(model_dir: Path) -> None:
         raise ModelLoadError(f"{model_dir}/config.json has model_type {config.get('model_type')!r}, not 'internvl'")
 
 
+# Weights are read from safetensors only: a pickle (`pytorch_model.bin`, `adapter_model.bin`, `.pt`) can
+# run code when loaded. INTERNVL_ALLOW_PICKLE=1 is the explicit opt-in for a trusted old checkpoint.
+ALLOW_PICKLE_ENV = "INTERNVL_ALLOW_PICKLE"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def allow_pickle() -> bool:
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_safetensors(directory: Path, *, what: str, stem: str) -> None:
+    """Refuse a model/adapter directory whose weights exist only as pickles (unless allowed)."""
+    if allow_pickle() or any(directory.glob(f"{stem}*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{what} {directory} has only pickle weights ({', '.join(pickles[:3])}): they can run code when loaded, "
+            f"so they are refused; convert them to safetensors, or set {ALLOW_PICKLE_ENV}=1 if you trust the file"
+        )
+    raise ModelLoadError(f"{what} {directory} has no {stem}*.safetensors weights")
+
+
 def _looks_like_hub_id(name: str) -> bool:
     return bool(name) and not name.startswith(("/", ".", "~")) and name.count("/") == 1
 
@@ -159,6 +182,11 @@ def load_model(
     device_map = device_map if device_map is not None else default_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
+    check_safetensors(model_dir, what="model directory", stem="model")
+    if adapter_dir is not None:
+        check_safetensors(adapter_dir, what="LoRA adapter", stem="adapter_model")
+    if not allow_pickle():
+        kwargs["use_safetensors"] = True
     model = InternVLForConditionalGeneration.from_pretrained(model_dir, **kwargs)
     if adapter_dir is not None:
         from peft import PeftModel

@@ -397,10 +397,12 @@ def make_trainer_class():
             self._get_output_dir = lambda trial=None: str(staging_root)
             try:
                 super()._save_checkpoint(model, trial)
+                if self.args.should_save:
+                    self.save_extras(staging_root / final.name)
+            except OSError as e:  # disk full, quota, I/O error: earlier checkpoints stay as they are
+                raise ckpt.save_failed(self.run_dir, step, e) from e
             finally:
                 self._get_output_dir = original
-            if self.args.should_save:
-                self.save_extras(staging_root / final.name)
             if os.environ.get("INTERNVL_FAULT_KILL_IN_SAVE_STEP") == str(step):
                 os._exit(137)  # fault injection for tests: die like a SIGKILL between writing and renaming
             self.accelerator.wait_for_everyone()

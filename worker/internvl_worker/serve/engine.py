@@ -110,6 +110,7 @@ def load_served_model(*, model_id_or_path=None, model_type=None, ckpt_dir=None, 
     for name, path in (adapters or {}).items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise modeling.ModelLoadError(f"--adapters {name}={path}: no adapter_config.json there")
+        modeling.check_safetensors(Path(path), what=f"--adapters {name}:", stem="adapter_model")
         from peft import PeftModel
 
         if isinstance(loaded.model, PeftModel):
