@@ -91,7 +91,7 @@ def _from_official(obj: dict) -> Conversation:
         raise RowError("field 'conversations' must be a list")
     messages = []
     for k, m in enumerate(convs):
-        if not isinstance(m, dict) or m.get("from") not in roles or "value" not in m:
+        if not isinstance(m, dict) or not isinstance(m.get("from"), str) or m["from"] not in roles or "value" not in m:
             raise RowError(f"conversations[{k}] needs 'from' (human/gpt/system) and 'value'")
         messages.append((roles[m["from"]], _as_str(m["value"], f"conversations[{k}].value")))
     system, turns = _pair_turns(messages, "conversations")
@@ -104,7 +104,7 @@ def _from_messages(obj: dict) -> Conversation:
         raise RowError("field 'messages' must be a list")
     messages = []
     for k, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ("system", "user", "assistant") or "content" not in m:
             raise RowError(f"messages[{k}] needs 'role' (system/user/assistant) and 'content'")
         messages.append((m["role"], _as_str(m["content"], f"messages[{k}].content")))
     system, turns = _pair_turns(messages, "messages")

@@ -169,7 +169,18 @@ class Template:
                 if part:
                     layout.append(("text", len(pieces), labelled))
                     pieces.append((part, labelled))
+        for text, _ in pieces:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, e.g. from the JSON escape "\ud800"
+                raise TemplateError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
         token_lists = self.tokenizer([p for p, _ in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+        reserved = {self.img_start_id, self.img_end_id, self.img_context_id}
+        for toks in token_lists:
+            if reserved.intersection(toks):
+                # `<IMG_CONTEXT>` typed in a query would become image slots with no image behind them (the
+                # model then fails on "image features and image tokens do not match"); `<img>` would fake one.
+                raise TemplateError(f"text holds a reserved image token ({IMG_START}, {IMG_END} or {IMG_CONTEXT}); mark images with {IMAGE_TAG}")
         input_ids: list[int] = []
         labels: list[int] = []
         image_tokens = 0
