@@ -206,3 +206,24 @@ def test_resuming_a_finished_run_trains_nothing(tiny_model_dir, color_data, tmp_
     assert again == last and '"already_finished": true' in out and '"event": "progress"' not in out
     assert (last / "model.safetensors").stat().st_mtime_ns == weights
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_lora_targets_respect_freeze_vit(tiny):
+    """Name lists match the LLM's and, unless --freeze_vit false, never the vision tower's same-named layers."""
+    from internvl_worker.train import lora_target_modules
+
+    model = tiny.model
+    llm_only = lora_target_modules(model, "q_proj,v_proj", "unused", freeze_vit=True)
+    assert llm_only and all("language_model" in n for n in llm_only)
+    assert {n.rsplit(".", 1)[-1] for n in llm_only} == {"q_proj", "v_proj"}
+    with_vit = lora_target_modules(model, "q_proj,v_proj", "unused", freeze_vit=False)
+    assert any("vision_tower" in n for n in with_vit) and set(llm_only) < set(with_vit)
+    everything = lora_target_modules(model, "ALL", "unused", freeze_vit=False)
+    assert not any(n.endswith("lm_head") for n in everything) and any("multi_modal_projector" in n for n in everything)
+    assert lora_target_modules(model, "DEFAULT", "REGEX") == "REGEX"
+    with pytest.raises(SftConfigError, match="no Linear layer has that name"):
+        from internvl_worker.train import prepare_trainable
+        from internvl_worker.registry import get_model_spec
+        import copy
+
+        prepare_trainable(copy.deepcopy(model), SftArguments(lora_target_modules="nope"), get_model_spec("internvl-tiny"))

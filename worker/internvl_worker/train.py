@@ -174,28 +174,40 @@ def answer_loss_sum(model, inputs: dict):
 
 
 
-def lora_target_modules(model, targets: str, default_regex: str):
-    """DEFAULT -> the model type's regex (LLM q/k/v); ALL -> every Linear except the output head."""
+VISION_PREFIXES = ("model.vision_tower", "vision_tower")
+
+
+def lora_target_modules(model, targets: str, default_regex: str, *, freeze_vit: bool = True):
+    """DEFAULT -> the model type's regex (LLM q/k/v); ALL -> every Linear except the output head;
+    `q_proj,v_proj` -> the Linear layers with those names. The vision tower shares names with the LLM
+    (q_proj, k_proj, v_proj), so with --freeze_vit true (the default) its layers are left out of ALL and of
+    name lists: an adapter there would make the 300M-6B ViT keep activations for backward."""
     if targets == "DEFAULT":
         return default_regex
-    if targets == "ALL":
-        return sorted({name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
-    return [t.strip() for t in targets.split(",") if t.strip()]
+    wanted = None if targets == "ALL" else {t.strip() for t in targets.split(",") if t.strip()}
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        if freeze_vit and name.startswith(VISION_PREFIXES):
+            continue
+        if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+            found.append(name)
+    return sorted(found)
 
 
 def prepare_trainable(model, args: SftArguments, spec):
     """Freeze what stays fixed, wrap LoRA, and check that something trains."""
-    vision_prefixes = ("model.vision_tower", "vision_tower")
+    vision_prefixes = VISION_PREFIXES
     aligner_prefixes = ("model.multi_modal_projector", "multi_modal_projector")
     if args.sft_type == "lora":
         from peft import LoraConfig, get_peft_model
 
         for p in model.parameters():
             p.requires_grad_(False)
-        targets = lora_target_modules(model, args.lora_target_modules, spec.lora_targets)
-        if args.freeze_vit and isinstance(targets, list) and args.lora_target_modules == "ALL":
-            # ALL means the vision tower too (ms-swift); --freeze_vit true keeps its LoRA out.
-            targets = [t for t in targets if not t.startswith(vision_prefixes)]
+        targets = lora_target_modules(model, args.lora_target_modules, spec.lora_targets, freeze_vit=args.freeze_vit)
+        if not targets:
+            raise SftConfigError(f"--lora_target_modules {args.lora_target_modules}: no Linear layer has that name" + (" outside the vision tower (--freeze_vit true)" if args.freeze_vit else ""))
         config = LoraConfig(
             r=args.lora_rank,
             lora_alpha=args.lora_alpha,
