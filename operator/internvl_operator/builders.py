@@ -193,6 +193,40 @@ def _fmt(value: float | int | bool) -> str:
     return repr(value)
 
 
+# Every pod runs as the worker image's unprivileged user (uid 1000, images/worker/Dockerfile), with no
+# privilege escalation, no Linux capabilities and the RuntimeDefault seccomp profile. Worker containers get
+# a read-only root filesystem: what they write goes to the PVCs, /dev/shm, or the `scratch` emptyDir, which
+# HOME, TMPDIR and XDG_CACHE_HOME point at (torch, triton and DeepSpeed caches, tempfile). vLLM writes
+# caches in places of its own, so its root filesystem stays writable (still as uid 1000).
+RUN_AS = 1000
+SCRATCH_MOUNT = "/scratch"
+
+
+def harden(pod_spec: dict[str, Any], *, read_only_root: bool = True) -> dict[str, Any]:
+    pod_spec["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a 50 GB model volume on every start
+        "seccompProfile": {"type": "RuntimeDefault"},
+        **(pod_spec.get("securityContext") or {}),
+    }
+    pod_spec.setdefault("volumes", []).append({"name": "scratch", "emptyDir": {}})
+    for container in pod_spec["containers"]:
+        container["securityContext"] = {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": read_only_root,
+        }
+        container.setdefault("volumeMounts", []).append({"name": "scratch", "mountPath": SCRATCH_MOUNT})
+        env = container.setdefault("env", [])
+        named = {e["name"] for e in env}
+        env += [{"name": k, "value": v} for k, v in (("HOME", SCRATCH_MOUNT), ("TMPDIR", f"{SCRATCH_MOUNT}/tmp"),
+                                                      ("XDG_CACHE_HOME", f"{SCRATCH_MOUNT}/cache")) if k not in named]
+    return pod_spec
+
+
 def _job(
     *,
     name: str,
@@ -206,7 +240,7 @@ def _job(
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "backoffLimit": backoff_limit,
-        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": dict(labels)}, "spec": harden(pod_spec)},
     }
     if ttl is not None:
         spec["ttlSecondsAfterFinished"] = ttl
@@ -528,7 +562,7 @@ def _serving_parts(svc: api.InternVLService) -> tuple[PodParts, str, list[tuple[
             parts.add_pvc(f"adapters-{index}", claim, root, read_only=True)
         adapters.append((adapter.name, _join(root, adapter.pvc.path)))
     if svc.spec.model.hub_id is not None:
-        parts.env.append({"name": "HF_HOME", "value": "/tmp/huggingface"})
+        parts.env.append({"name": "HF_HOME", "value": f"{SCRATCH_MOUNT}/huggingface"})  # the root filesystem is read-only
     return parts, model_arg, adapters
 
 
@@ -564,8 +598,8 @@ def vllm_serve_args(svc: api.InternVLService, *, model_arg: str, adapters: list[
         "--host", "0.0.0.0",
         "--port", str(c.WORKER_PORT),
         "--tensor-parallel-size", str(spec.gpus),
-        # InternVL checkpoints outside transformers' native format ship their own modelling code.
-        "--trust-remote-code",
+        # No --trust-remote-code: models are served in transformers' native format (`internvl convert`
+        # turns an original-format checkpoint into one); a user who trusts a repo's code can add it in vllm.extraArgs.
     ]  # fmt: skip
     vllm = spec.vllm or api.VllmSpec()
     if vllm.max_model_len:
@@ -637,13 +671,16 @@ def build_deployment(svc: api.InternVLService, settings: OperatorSettings = DEFA
                     "prometheus.io/path": "/metrics",
                 },
             },
-            "spec": {
-                "containers": [container],
-                "volumes": parts.volumes,
-                # In-flight generations get a minute to finish after the pod leaves the Service.
-                "terminationGracePeriodSeconds": 60,
-                **_placement(spec.placement),
-            },
+            "spec": harden(
+                {
+                    "containers": [container],
+                    "volumes": parts.volumes,
+                    # In-flight generations get a minute to finish after the pod leaves the Service.
+                    "terminationGracePeriodSeconds": 60,
+                    **_placement(spec.placement),
+                },
+                read_only_root=spec.engine != "vllm",
+            ),
         },
     }
     if spec.autoscaling is None:
