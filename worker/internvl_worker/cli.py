@@ -201,13 +201,9 @@ def cmd_data_check(args) -> int:
     if args.model_id_or_path or args.model_type:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .modeling import build_template, check_model_dir, download_model
-        from .registry import read_meta, resolve_model_type
+        from .modeling import build_template, resolve_model_source
 
-        local = args.model_id_or_path and Path(args.model_id_or_path).exists()
-        spec = resolve_model_type(args.model_type or (read_meta(args.model_id_or_path).get("model_type") if local else None), args.model_id_or_path if local else None)
-        model_dir = Path(args.model_id_or_path) if local else download_model(args.model_id_or_path or spec.hub_id)
-        check_model_dir(model_dir)
+        spec, model_dir = resolve_model_source(args.model_id_or_path, args.model_type)
         template, _ = build_template(AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), spec, max_length=args.max_length, max_tiles=args.max_num)
     report = check_dataset(args.files, template=template, image_kwargs={"timeout": args.image_timeout}, progress=sys.stderr.isatty())
     for problem in report.problems:

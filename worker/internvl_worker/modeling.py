@@ -126,6 +126,23 @@ def download_model(repo_id: str) -> Path:
         ) from None
 
 
+def resolve_model_source(model_id_or_path, model_type: str | None, *, adapter_dir: Path | None = None) -> tuple[ModelSpec, Path]:
+    """(model spec, checked local model directory) from a path or hub id and/or a model type.
+
+    The type is the one given, else the one recorded in the adapter's or model's directory; a hub id
+    (or only a type) is downloaded."""
+    if model_id_or_path is None and model_type is None:
+        raise ModelLoadError("give --model_type, --model_id_or_path (a local model directory) or --ckpt_dir")
+    local = model_id_or_path is not None and Path(model_id_or_path).exists()
+    if model_id_or_path is not None and not local and not _looks_like_hub_id(str(model_id_or_path)):
+        raise ModelLoadError(f"model directory {str(model_id_or_path)!r} does not exist")
+    recorded = read_meta(adapter_dir or model_id_or_path).get("model_type") if local else None
+    spec = resolve_model_type(model_type or recorded, model_id_or_path if local else None)
+    model_dir = Path(model_id_or_path) if local else download_model(model_id_or_path or spec.hub_id)
+    check_model_dir(model_dir)
+    return spec, model_dir
+
+
 def resolve_checkpoint(ckpt_dir: str | Path) -> tuple[Path, Path | None, dict]:
     """(base model dir, adapter dir or None, recorded sft args) for a LoRA checkpoint or a full/merged dir."""
     ckpt = Path(ckpt_dir)
@@ -166,14 +183,7 @@ def load_model(
         base, adapter_dir, sft_args = resolve_checkpoint(ckpt_dir)
         model_id_or_path = model_id_or_path or base
         model_type = model_type or sft_args.get("model_type")
-    if model_id_or_path is None and model_type is None:
-        raise ModelLoadError("give --model_type, --model_id_or_path (a local model directory) or --ckpt_dir")
-    local = model_id_or_path is not None and Path(model_id_or_path).exists()
-    if model_id_or_path is not None and not local and not _looks_like_hub_id(str(model_id_or_path)):
-        raise ModelLoadError(f"model directory {str(model_id_or_path)!r} does not exist")
-    spec = resolve_model_type(model_type or (read_meta(adapter_dir or model_id_or_path).get("model_type") if local else None), model_id_or_path if local else None)
-    model_dir = Path(model_id_or_path) if local else download_model(model_id_or_path or spec.hub_id)
-    check_model_dir(model_dir)
+    spec, model_dir = resolve_model_source(model_id_or_path, model_type, adapter_dir=adapter_dir)
     if spec.quantization and dtype not in ("bf16", "bfloat16", "auto", None):
         # ms-swift's note: the int8 v1.5 model gives garbled output or inf/nan unless run in bf16.
         raise ModelLoadError(f"{spec.model_type} must run with --dtype bf16 (fp16 overflows into inf/nan)")
