@@ -41,7 +41,7 @@ def get_kube() -> Kube:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        _kube = Kube(client.ApiClient())
+        _kube = Kube(client.ApiClient(), timeout=SETTINGS.api_timeout_s)
     return _kube
 
 
@@ -288,8 +288,10 @@ def _run(kind: str, body: dict[str, Any], step: Any, *, first_condition: str) ->
         raise kopf.TemporaryError(exc.message, delay=exc.delay) from exc
     except ApiError as exc:
         metrics.ERRORS.labels(kind=kind, error=f"HTTP{exc.status}").inc()
-        # Forbidden usually means RBAC is being fixed; retry slower. Other answers: soon.
-        raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=60 if exc.status == 403 else 10) from exc
+        # Forbidden usually means RBAC is being fixed; retry slower. Other answers (5xx, 429, timeouts): at the next
+        # poll, at most 10 s away (a busy API server gets one call per CR per poll, as without the error).
+        delay = 60 if exc.status == 403 else min(10.0, SETTINGS.poll_interval_s)
+        raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=delay) from exc
     finally:
         metrics.LATENCY.labels(kind=kind).observe(time.monotonic() - started)
 

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlencode
 
+import urllib3
 from kubernetes import client as k8s
 
 from . import constants as c
@@ -52,8 +53,9 @@ def collection_path(api_version: str, kind: str, namespace: str) -> str:
 
 
 class Kube:
-    def __init__(self, api_client: k8s.ApiClient) -> None:
+    def __init__(self, api_client: k8s.ApiClient, *, timeout: float = 30.0) -> None:
         self.api = api_client
+        self.timeout = timeout
 
     # -- raw
     def _call(
@@ -73,11 +75,12 @@ class Kube:
         headers.update(self.api.default_headers)
         self.api.update_params_for_auth(headers, None, ["BearerToken"], path, method, body)
         try:
-            response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=30)
+            response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)
             data = response.read()
         except k8s.ApiException as exc:  # raised for connection errors
             raise ApiError(exc.status or 0, str(exc.reason)) from exc
-        except OSError as exc:
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            # No answer: refused, reset, or read timed out (urllib3's errors are not OSErrors). Like a 5xx: retry.
             raise ApiError(0, str(exc)) from exc
         text = data.decode() if isinstance(data, bytes) else (data or "")
         if not 200 <= response.status < 300:

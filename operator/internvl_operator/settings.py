@@ -61,6 +61,8 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = 9090
     #: Use kopf peering (several operator replicas, one active). Off = `--standalone`.
     peering: str = ""
+    #: Seconds the operator waits for one Kubernetes API answer before giving up on it (and retrying the reconcile).
+    api_timeout_s: float = 30.0
     #: Cluster DNS suffix used in status.url.
     cluster_domain: str = "cluster.local"
 

@@ -64,12 +64,15 @@ class Fault:
     delay: float = 0.0
     drop: bool = False
     watch: bool | None = None  # None: any; True: watches only; False: non-watch requests only
+    user_agent: str | None = None  # a regex searched in the User-Agent header (e.g. one client only)
     hits: int = 0
 
-    def matches(self, method: str, path: str, is_watch: bool) -> bool:
+    def matches(self, method: str, path: str, is_watch: bool, user_agent: str = "") -> bool:
         if self.times <= 0 or (self.method and self.method.upper() != method):
             return False
         if self.watch is not None and self.watch != is_watch:
+            return False
+        if self.user_agent is not None and re.search(self.user_agent, user_agent) is None:
             return False
         return re.search(self.path, path) is not None
 
@@ -213,8 +216,10 @@ class ApiServer:
 
     # ---- test hooks ---------------------------------------------------------------------------
     def inject_fault(self, path: str, method: str | None = None, status: int = 500, times: int = 1,
-                     delay: float = 0.0, drop: bool = False, watch: bool | None = None) -> Fault:
-        fault = Fault(path=path, method=method, status=status, times=times, delay=delay, drop=drop, watch=watch)
+                     delay: float = 0.0, drop: bool = False, watch: bool | None = None,
+                     user_agent: str | None = None) -> Fault:
+        fault = Fault(path=path, method=method, status=status, times=times, delay=delay, drop=drop, watch=watch,
+                      user_agent=user_agent)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -279,13 +284,14 @@ class ApiServer:
                             request.headers.get("User-Agent", ""))
         with self._lock:
             self.requests.append(rec)
-            fault = next((f for f in self.faults if f.matches(request.method, path, verb == "watch")), None)
+            fault = next((f for f in self.faults if f.matches(request.method, path, verb == "watch", rec.user_agent)), None)
             if fault:
                 fault.times -= 1
                 fault.hits += 1
         try:
             if fault:
                 if fault.delay:
+                    await request.read()  # the request has arrived whole: a client giving up now can't undo it
                     await asyncio.sleep(fault.delay)
                 if fault.drop:
                     request.transport.close()
