@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import constants as c
@@ -190,6 +190,13 @@ def pod_failure(pod: dict[str, Any]) -> PodFailure | None:
                 candidates.append(
                     PodFailure("CrashLoopBackOff", detail, last.get("exitCode"), name, cs.get("name"), rank=_STUCK_WAITING["CrashLoopBackOff"])
                 )
+        elif "running" in state and last and cs.get("ready") is False:
+            # Restarted after a crash and not ready yet (a server reloading its model): the backoff is over, so
+            # the waiting reason is gone, but the replica is still down because of that crash. Say so.
+            crashed = _terminated_failure(name, cs.get("name"), last)
+            if crashed is not None:
+                note = f"restarted {cs.get('restartCount', 0)} time(s), not ready yet; "
+                candidates.append(replace(crashed, message=note + (crashed.message or f"last exit: {crashed.reason}")))
         elif waiting.get("reason") in _STUCK_WAITING:
             candidates.append(
                 PodFailure(waiting["reason"], waiting.get("message", ""), None, name, cs.get("name"), rank=_STUCK_WAITING[waiting["reason"]])

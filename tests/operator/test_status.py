@@ -37,6 +37,19 @@ def test_crashloop_reports_the_last_termination():
                                          "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}])).reason == "OOMKilled"  # fmt: skip
 
 
+def test_a_restarted_replica_still_loading_reports_its_last_crash():
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    loading = pod(statuses=[{"name": "server", "ready": False, "restartCount": 1, "state": {"running": {}}, "lastState": oom}])
+    failure = st.pod_failure(loading)
+    assert (failure.reason, failure.exit_code) == ("OOMKilled", 137) and "restarted 1 time(s)" in failure.message
+    crashed = {"terminated": {"exitCode": 1, "reason": "Error"}}
+    assert st.pod_failure(pod(statuses=[{"name": "s", "ready": False, "restartCount": 2, "state": {"running": {}},
+                                         "lastState": crashed}])).summary().startswith("Error (exit code 1)")  # fmt: skip
+    # Once it is ready again (or never crashed), nothing is failing.
+    assert st.pod_failure(pod(statuses=[{"name": "s", "ready": True, "restartCount": 1, "state": {"running": {}}, "lastState": oom}])) is None
+    assert st.pod_failure(pod(statuses=[{"name": "s", "ready": False, "restartCount": 0, "state": {"running": {}}}])) is None
+
+
 def test_image_pull_and_unschedulable():
     pull = pod(statuses=[{"name": "t", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found: reg/x:1"}}}])
     assert st.pod_failure(pull).reason == "ImagePullBackOff"

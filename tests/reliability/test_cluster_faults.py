@@ -79,3 +79,75 @@ def test_api_errors_timeouts_and_410s_while_reconciling(emulated):
     assert any("HTTP 0" in line and "timed out" in line.lower() for line in retries), ns.operator.log_tail(80)
     assert ns.operator.errors() == [], ns.operator.log_tail(80)
     assert ns.operator.alive
+
+
+SERVICE = "tiny-svc"
+
+
+def tiny_service() -> dict:
+    return {
+        "apiVersion": "internvl.ai/v1alpha1", "kind": "InternVLService", "metadata": {"name": SERVICE},
+        "spec": {"model": {"modelType": "internvl-tiny", "pvc": {"claimName": "models", "path": "tiny"}},
+                 "engine": "worker", "replicas": 1, "gpus": 0,
+                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}, "startupTimeoutSeconds": 300},
+    }
+
+
+def generate(url: str) -> dict:
+    import urllib.request
+
+    body = json.dumps({"inputs": "What is the dominant color?", "parameters": {"max_new_tokens": 2}}).encode()
+    req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
+def test_model_server_crash_restarts_and_status_says_why(emulated):
+    ns = emulated
+    kubelet = ns.cluster.kubelet
+    ns.start_operator()
+    ns.apply(tiny_service())
+
+    def ready_status():
+        st = (ns.get("InternVLService", SERVICE) or {}).get("status") or {}
+        return st if condition({"status": st}, "Ready").get("status") == "True" else None
+
+    def down_status(reason: str, exit_code: int):
+        """The Ready condition while no replica is ready: False, naming the crash and its exit code."""
+        st = (ns.get("InternVLService", SERVICE) or {}).get("status") or {}
+        ready = condition({"status": st}, "Ready")
+        if ready.get("status") == "False" and ready.get("reason") == reason and f"exit code {exit_code}" in ready.get("message", ""):
+            return st
+        return None
+
+    ns.wait(ready_status, timeout=60, what=f"InternVLService {SERVICE} to be Ready")
+    assert generate(ns.service_url(SERVICE))["generated_text"] is not None
+    (pod,) = ns.pods(f"app.kubernetes.io/instance={SERVICE}") or ns.list("Pod")
+    name = pod["metadata"]["name"]
+
+    # 1. The kernel OOM-kills the server: restarted in place; while it reloads the service is not Ready, saying why.
+    assert kubelet.oom_kill(ns.name, name)
+    down = ns.wait(lambda: down_status("OOMKilled", 137), timeout=30, what="Ready=False reason OOMKilled")
+    assert down["phase"] == "Failed" and down["readyReplicas"] == 0, down
+    assert down["failure"]["reason"] == "OOMKilled" and down["failure"]["exitCode"] == 137, down["failure"]
+    up = ns.wait(ready_status, timeout=60, what=f"InternVLService {SERVICE} to be Ready again after the OOM kill")
+    assert up["phase"] == "Serving" and up["readyReplicas"] == 1 and "failure" not in up, up
+    cs = ns.get("Pod", name)["status"]["containerStatuses"][0]
+    assert cs["restartCount"] == 1 and cs["lastState"]["terminated"]["reason"] == "OOMKilled", cs
+    generate(ns.service_url(SERVICE))
+
+    # 2. The server dies on its own (killed, exit 137, reason Error): same pod restarts, status names the crash.
+    hook = kubelet.kill_on_log(ns.name, name, r".")  # the log already has lines: killed at the next tick
+    ns.wait(lambda: hook.killed, timeout=10, what="the kill hook to fire")
+    down = ns.wait(lambda: down_status("CrashLoopBackOff", 137) or down_status("Error", 137), timeout=30,
+                   what="Ready=False naming the crash (exit code 137)")
+    assert down["phase"] == "Failed", down
+    ns.wait(ready_status, timeout=60, what=f"InternVLService {SERVICE} to be Ready again after the crash")
+    cs = ns.get("Pod", name)["status"]["containerStatuses"][0]
+    assert cs["restartCount"] == 2 and cs["lastState"]["terminated"]["exitCode"] == 137, cs
+    assert len(ns.list("Pod")) == 1  # restarted in place, not replaced
+    generate(ns.service_url(SERVICE))
+    events = {e["reason"] for e in ns.list("Event") if e["involvedObject"].get("name") == SERVICE}
+    assert {"Serving", "Failed"} <= events, events
+    assert ns.operator.errors() == [], ns.operator.log_tail(80)
