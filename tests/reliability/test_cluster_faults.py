@@ -151,3 +151,32 @@ def test_model_server_crash_restarts_and_status_says_why(emulated):
     events = {e["reason"] for e in ns.list("Event") if e["involvedObject"].get("name") == SERVICE}
     assert {"Serving", "Failed"} <= events, events
     assert ns.operator.errors() == [], ns.operator.log_tail(80)
+
+
+def test_training_pod_lost_mid_run_resumes_from_the_latest_checkpoint(emulated):
+    """A node lost mid-training, single-node form: the process kubelet cannot run a multi-node rendezvous (one
+    loopback host, no pod DNS), so the lost "node" is the only training pod, deleted while it trains."""
+    ns = emulated
+    # Freeze the trainer right after its first checkpoint: "mid-training" lasts until the pod is deleted.
+    hook = ns.cluster.kubelet.kill_on_log(ns.name, f"{NAME}-train-", r'"event": "checkpoint"', sig=signal.SIGSTOP)
+    ns.start_operator()
+    ns.apply(short_run(max_steps=8))
+    ns.wait(lambda: hook.killed, timeout=120, what="the trainer to write its first checkpoint")
+    (lost,) = hook.killed
+    assert '"event": "done"' not in ns.log(lost)
+    ns.kubectl("delete", "pod", lost, "--wait=false")  # the node is gone, and its pod with it
+
+    def replacement():
+        return [p["metadata"]["name"] for p in ns.pods(TRAIN) if p["metadata"]["name"] != lost]
+
+    (new,) = ns.wait(replacement, timeout=60, what="the Job controller to make a new training pod")
+    resumed = ns.wait(lambda: '"event": "start"' in ns.log(new) and start_event(ns.log(new))["resume_from"],
+                      timeout=90, what=f"pod {new} to start training from a checkpoint")
+    assert re.search(r"checkpoint-2/?$", resumed), resumed  # the newest complete one: at most one interval lost
+    cr = ns.wait_finetune(NAME, phases={"Succeeded"}, timeout=120)
+    assert cr["status"]["progress"]["summary"] == "8/8"
+    assert cr["status"]["outputs"]["checkpointPath"] == f"{NAME}/checkpoint-8"
+    assert ns.get("Pod", lost) is None and [p["metadata"]["name"] for p in ns.pods(TRAIN)] == [new]
+    assert job_names(ns) == [f"{NAME}-datacheck", f"{NAME}-train"]
+    assert "failure" not in cr["status"], cr["status"]
+    assert ns.operator.errors() == [], ns.operator.log_tail(80)
