@@ -20,6 +20,10 @@ def test_readme_counts_match_the_corpus():
     assert f"{n['http']['refused']} bad requests" in http
     assert f"{n['crs']['refused']} invalid CRs" in crs
     assert f"{n['crs']['schema']} refused by the CRD schema" in crs and f"{n['crs']['operator']} by the operator" in crs
+    faults, cf = rows["cluster faults"], n["cluster_faults"]
+    assert f"{cf['tests']} fault tests" in faults and f"{cf['request_faults']} request faults" in faults
+    assert f"{cf['gone_watches']} forced 410s" in faults
+    assert f"expired {cf['expiries']} times" in faults and f"compacted {cf['compactions']} times" in faults
     # Every test file the table links exists.
     for link in re.findall(r"\]\((tests/[^)]+\.py)\)", section):
         assert (README.parent / link).is_file(), link

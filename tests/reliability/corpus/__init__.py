@@ -129,6 +129,21 @@ def cr_cases() -> list[dict]:
     return out
 
 
+def cluster_fault_counts() -> dict[str, int]:
+    """From tests/reliability/test_cluster_faults.py itself: its tests, and the request faults (inject_fault calls)
+    and watch faults (forced 410s on new watches, expiries of open ones, compactions) its API test injects."""
+    import ast
+
+    tree = ast.parse((HERE.parent / "test_cluster_faults.py").read_text())
+    tests = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
+    (api,) = [f for f in tests if f.name == "test_api_errors_timeouts_and_410s_while_reconciling"]
+    calls = [n.func.attr for n in ast.walk(api) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    gone = sum(n.args[0].value for n in ast.walk(api) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+               and n.func.attr == "gone_on_next_watches")
+    return {"tests": len(tests), "request_faults": calls.count("inject_fault"), "gone_watches": gone,
+            "expiries": calls.count("expire_watches"), "compactions": calls.count("compact")}
+
+
 def counts() -> dict[str, dict[str, int]]:
     """Inputs per layer, as the README table shows them."""
     crs = cr_cases()
@@ -137,4 +152,5 @@ def counts() -> dict[str, dict[str, int]]:
         "http": {"refused": len(http_cases())},
         "crs": {"refused": len(crs), "schema": sum(c["refused_by"] == "schema" for c in crs),
                 "operator": sum(c["refused_by"] == "operator" for c in crs)},
+        "cluster_faults": cluster_fault_counts(),
     }
