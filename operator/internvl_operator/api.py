@@ -583,33 +583,27 @@ class ObjectMeta(BaseModel):
     labels: dict[str, str] | None = None
 
 
-class InternVLFineTune(BaseModel):
+class _CustomResource(BaseModel):
+    """What both kinds share: metadata, and name/namespace as the handlers use them."""
+
     model_config = ConfigDict(extra="ignore")
 
     metadata: ObjectMeta
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+
+class InternVLFineTune(_CustomResource):
     spec: InternVLFineTuneSpec
     status: InternVLFineTuneStatus = Field(default_factory=InternVLFineTuneStatus)
 
-    @property
-    def name(self) -> str:
-        return self.metadata.name
 
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace or "default"
-
-
-class InternVLService(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    metadata: ObjectMeta
+class InternVLService(_CustomResource):
     spec: InternVLServiceSpec
     status: InternVLServiceStatus = Field(default_factory=InternVLServiceStatus)
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace or "default"

@@ -107,6 +107,16 @@ def _stale_failed(job: st.JobState, generation: int | None) -> bool:
     return job.failed and generation is not None and job.generation_label is not None and job.generation_label < generation
 
 
+def _fail_stage(s, stage: str, condition: str, observed, failure, *, default_reason: str) -> None:
+    """A stage's Job failed for good: its condition, Failed, the phase, and the pod's reason and log tail."""
+    message = _failure_message(stage, observed.job, failure)
+    reason = failure.reason if failure else (observed.job.reason or default_reason)
+    s.condition(condition, False, reason, message)
+    s.condition(c.COND_FAILED, True, reason, message)
+    s.phase(c.PHASE_FAILED, message)
+    s.failure(failure or st.PodFailure(reason, message), observed.log)
+
+
 def _failure_message(stage: str, job: st.JobState, failure: st.PodFailure | None) -> str:
     parts = [f"{stage} failed"]
     if job.reason:
@@ -228,12 +238,7 @@ def _advance(
             return
         failure = st.worst_pod_failure(tr.pods)
         if tr.job.failed:
-            message = _failure_message("training", tr.job, failure)
-            reason = failure.reason if failure else (tr.job.reason or "TrainingFailed")
-            s.condition(c.COND_TRAINING, False, reason, message)
-            s.condition(c.COND_FAILED, True, reason, message)
-            s.phase(c.PHASE_FAILED, message)
-            s.failure(failure or st.PodFailure(reason, message), tr.log)
+            _fail_stage(s, "training", c.COND_TRAINING, tr, failure, default_reason="TrainingFailed")
             return
         if not tr.job.succeeded:
             summary = s.data.get("progress", {}).get("summary")
@@ -265,12 +270,7 @@ def _advance(
             return
         failure = st.worst_pod_failure(mg.pods)
         if mg.job.failed:
-            message = _failure_message("merge", mg.job, failure)
-            reason = failure.reason if failure else (mg.job.reason or "MergeFailed")
-            s.condition(c.COND_MERGE, False, reason, message)
-            s.condition(c.COND_FAILED, True, reason, message)
-            s.phase(c.PHASE_FAILED, message)
-            s.failure(failure or st.PodFailure(reason, message), mg.log)
+            _fail_stage(s, "merge", c.COND_MERGE, mg, failure, default_reason="MergeFailed")
             return
         if not mg.job.succeeded:
             s.phase(c.PHASE_MERGING, f"merging; {failure.summary()}" if failure else "merging")
