@@ -191,6 +191,8 @@ variable set here is one the operator reads). Resource maps are JSON, as the set
   value: {{ .Values.worker.trainDefaultResources | toJson | quote }}
 - name: INTERNVL_OPERATOR_POLL_INTERVAL_S
   value: {{ .Values.operator.pollIntervalSeconds | quote }}
+- name: INTERNVL_OPERATOR_API_TIMEOUT_S
+  value: {{ .Values.operator.apiTimeoutSeconds | quote }}
 - name: INTERNVL_OPERATOR_STRICT_MODEL_TYPES
   value: {{ .Values.operator.strictModelTypes | quote }}
 - name: INTERNVL_OPERATOR_CLUSTER_DOMAIN
