@@ -329,6 +329,17 @@ def sse(obj) -> bytes:
 def build_app(server: Server) -> Starlette:
     cfg = server.cfg
 
+    async def events_within_timeout(handle: Handle, collector: Collector):
+        """generate_events under one deadline for the whole stream: asyncio.TimeoutError when it passes."""
+        deadline = time.monotonic() + cfg.request_timeout
+        agen = generate_events(handle, collector)
+        while True:
+            try:
+                item = await asyncio.wait_for(agen.__anext__(), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                return
+            yield item
+
     async def generate_events(handle: Handle, collector: Collector):
         """Yields (token dict | None, finished Generated | None) until the request ends."""
         async for ev in handle.events():
@@ -382,14 +393,8 @@ def build_app(server: Server) -> Starlette:
 
         async def stream():
             index = 0
-            deadline = time.monotonic() + cfg.request_timeout
             try:
-                agen = generate_events(handle, collector)
-                while True:
-                    try:
-                        tok, final = await asyncio.wait_for(agen.__anext__(), max(0.0, deadline - time.monotonic()))
-                    except StopAsyncIteration:
-                        return
+                async for tok, final in events_within_timeout(handle, collector):
                     index += 1
                     if final is None:
                         yield sse(tgi_stream_event(index, tok))
@@ -457,14 +462,8 @@ def build_app(server: Server) -> Starlette:
         async def stream():
             chunk = dict(chat_id=chat_id, model=model, created=created)
             emitted = 0  # characters of the text sent so far
-            deadline = time.monotonic() + cfg.request_timeout
             try:
-                agen = generate_events(handle, collector)
-                while True:
-                    try:
-                        tok, final = await asyncio.wait_for(agen.__anext__(), max(0.0, deadline - time.monotonic()))
-                    except StopAsyncIteration:
-                        return
+                async for tok, final in events_within_timeout(handle, collector):
                     if final is None:
                         # Hold back what could still become a stop sequence (it must not reach the client).
                         safe = len(collector.dec.sent) - max(0, longest_stop - 1)
