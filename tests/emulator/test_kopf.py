@@ -1,28 +1,19 @@
 """A real Kopf operator (KopfRunner, standalone) against the emulator: create/update/delete with
 finalizers, status writes, a child adopted with kopf.adopt and collected with its parent."""
+import functools
 import os
-import time
 
 import pytest
 from kubernetes import client, config
 
+import polling
 from crds import GROUP, PLURAL, VERSION, WIDGET_CRD, widget
 
 pytestmark = pytest.mark.skipif("os.environ.get('INTERNVL_E2E_REAL') == '1'")
 HERE = os.path.dirname(__file__)
 
 
-def wait_until(pred, timeout=15.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            value = pred()
-        except client.ApiException:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+wait_until = functools.partial(polling.wait_until, timeout=15.0, ignore=(client.ApiException,))
 
 
 def test_kopf_operator_lifecycle(kube_api, kube_client, monkeypatch):

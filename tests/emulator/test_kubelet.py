@@ -1,6 +1,7 @@
 """The process kubelet: Jobs run `python -c ...` as local processes with a PVC mapped to a host
 dir, failures are retried up to backoffLimit, Indexed jobs get their index, a Deployment becomes
 ready through its HTTP readiness probe and a crashed server is restarted."""
+import functools
 import json
 import os
 import time
@@ -10,17 +11,12 @@ import urllib.request
 import pytest
 from kubernetes import client
 
+import polling
+
 pytestmark = pytest.mark.skipif("os.environ.get('INTERNVL_E2E_REAL') == '1'")
 
 
-def wait_until(pred, timeout=20.0, step=0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
+wait_until = functools.partial(polling.wait_until, timeout=20.0, step=0.1)
 
 
 def job(name, code, backoff=6, volumes=None, mounts=None, env=None, **spec):

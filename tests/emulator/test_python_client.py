@@ -1,5 +1,6 @@
 """The real `kubernetes` Python client against the emulator: CRUD, patch flavours, watch with
 resourceVersion, bookmarks and 410, selectors, status subresource, finalizers, GC, CRD schemas."""
+import functools
 import json
 import threading
 import time
@@ -9,19 +10,13 @@ import requests
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
+import polling
 from crds import GROUP, PLURAL, VERSION, WIDGET_CRD, widget
 
 pytestmark = pytest.mark.skipif("os.environ.get('INTERNVL_E2E_REAL') == '1'")
 
 
-def wait_until(pred, timeout=5.0, step=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
+wait_until = functools.partial(polling.wait_until, timeout=5.0, step=0.05)
 
 
 @pytest.fixture
