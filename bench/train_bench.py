@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
 
+from train_check import card_name  # noqa: E402  (this folder: the card's name as nvidia-smi gives it)
+
 WORDS = ("the a picture shows red green blue yellow cat dog road city sign distance left right top bottom large small "
          "one two three four five people car tree house sky water boat text number table chart line bar").split()  # fmt: skip
 # Grids (cols, rows) and their weights: 1 to 12 tiles, mean about 7 (+ thumbnail -> about 8).
@@ -75,13 +77,6 @@ def make_dataset(folder: Path, rows: int, *, seed: int, fixed_tokens: int = 0) -
     out = folder / ("fixed.jsonl" if fixed_tokens else "train.jsonl")
     out.write_text("\n".join(lines) + "\n")
     return out
-
-
-def card_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout.splitlines()[0].strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "cpu"
 
 
 def measured_peak_tflops() -> float:
