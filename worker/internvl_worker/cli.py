@@ -232,11 +232,12 @@ def cmd_serve(args) -> int:
         cfg = ServeConfig(
             model_id_or_path=args.model_id_or_path, model_type=args.model_type, ckpt_dir=args.ckpt_dir, adapters=parse_adapters(args.adapters),
             served_model_name=args.served_model_name, host=args.host, port=args.port, api_key_file=args.api_key_file,
-            max_concurrent_requests=args.max_concurrent_requests, max_batch_size=args.max_batch_size, max_input_tokens=args.max_input_tokens,
+            max_concurrent_requests=args.max_concurrent_requests, max_batch_size=args.max_batch_size, max_waiting_requests=args.max_waiting_requests, max_input_tokens=args.max_input_tokens,
             max_total_tokens=args.max_total_tokens, max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_body_bytes=args.max_body_bytes,
             max_tiles=args.max_tiles, request_timeout=args.request_timeout, image_timeout=args.image_timeout,
             allow_private_image_urls=args.allow_private_image_urls, dtype=args.dtype, use_flash_attn=args.use_flash_attn,
-            preprocess_workers=args.preprocess_workers, graceful_timeout=args.graceful_timeout,
+            preprocess_workers=args.preprocess_workers, graceful_timeout=args.graceful_timeout, decode=args.decode,
+            kv_cache_fraction=args.kv_cache_fraction,
         )  # fmt: skip
         cfg.validate()
     except (ValueError, OSError) as e:
@@ -396,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
     g.add_argument("--use_flash_attn", type=str2bool, default=None, metavar="BOOL", help="flash-attn 2 when installed; SDPA otherwise (default)")
     g.add_argument("--max-tiles", "--max_num", dest="max_tiles", type=positive_int, default=None, help="max 448-px tiles per image (default: the model's, usually 12)")
+    g.add_argument(
+        "--decode", default="auto", choices=["auto", "graphs", "static", "eager"],
+        help="how decode steps run. auto (default): on a GPU without LoRA adapters, a fixed KV slot per request and each step replayed "
+        "as a CUDA graph (captured at start-up); otherwise eager. graphs: the same, but fail instead of falling back. static: fixed "
+        "slots without graphs. eager: a growing batch cache, one Python call per layer per step (what adapters use)",
+    )  # fmt: skip
+    g.add_argument("--kv-cache-fraction", dest="kv_cache_fraction", type=float, default=0.5, help="share of the GPU memory free after loading that the decode slots may take (each slot holds --max-total-tokens tokens); fewer slots than --max-batch-size fit -> the batch is capped, and /info says so")
     g = p.add_argument_group("network")
     g.add_argument("--host", default="0.0.0.0")
     g.add_argument("--port", type=int, default=8080)
@@ -403,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("limits")
     g.add_argument("--max-concurrent-requests", dest="max_concurrent_requests", type=positive_int, default=128, help="requests in flight (preparing, waiting, generating) before new ones get 429")
     g.add_argument("--max-batch-size", dest="max_batch_size", type=positive_int, default=32, help="requests decoded together in one step; the rest wait their turn")
+    g.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int, default=None, help="requests that may wait for a batch row (or be preparing) while the batch is full; beyond, new ones get 429 at once instead of queueing (default: --max-batch-size, so an admitted request waits at most about one generation)")
     g.add_argument("--max-input-tokens", dest="max_input_tokens", type=positive_int, default=8192, help="prompt tokens, images included (256 per 448-px tile); longer prompts get 422")
     g.add_argument("--max-total-tokens", dest="max_total_tokens", type=positive_int, default=None, help="prompt + generated tokens (default: max input tokens + 2048)")
     g.add_argument("--max-images", dest="max_images", type=positive_int, default=8, help="images per request")

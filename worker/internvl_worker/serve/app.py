@@ -63,6 +63,7 @@ class ServeConfig:
     api_key_file: str | None = None
     max_concurrent_requests: int = 128
     max_batch_size: int = 32
+    max_waiting_requests: int | None = None  # default: max_batch_size (see admission_limit)
     max_input_tokens: int = 8192
     max_total_tokens: int | None = None  # default: max_input_tokens + 2048
     max_images: int = 8
@@ -77,20 +78,35 @@ class ServeConfig:
     preprocess_workers: int = 4
     graceful_timeout: float = 30.0
     warmup: bool = True
+    decode: str = "auto"  # auto | graphs | static | eager (engine.py: Engine._make_slots)
+    kv_cache_fraction: float = 0.5  # of the GPU memory free after loading, for the decode slots' KV cache
 
     def validate(self) -> None:
         problems = []
         for name in ("max_concurrent_requests", "max_batch_size", "max_input_tokens", "max_images", "max_image_bytes", "preprocess_workers"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
+            problems.append(f"--max-waiting-requests must be 0 or more, got {self.max_waiting_requests}")
         if self.max_total_tokens is not None and self.max_total_tokens <= self.max_input_tokens:
             problems.append(f"--max-total-tokens {self.max_total_tokens} must be above --max-input-tokens {self.max_input_tokens}")
+        from .engine import DECODE_MODES
+
+        if self.decode not in DECODE_MODES:
+            problems.append(f"--decode {self.decode!r}: use one of {', '.join(DECODE_MODES)}")
+        if not 0.0 < self.kv_cache_fraction <= 0.95:
+            problems.append(f"--kv-cache-fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
         if self.request_timeout <= 0:
             problems.append(f"--request-timeout must be positive, got {self.request_timeout}")
         if not (self.model_id_or_path or self.ckpt_dir or self.model_type):
             problems.append("give --model_id_or_path, --ckpt_dir or --model_type")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests that may wait beyond a full batch (--max-waiting-requests; default one batch's worth)."""
+        return self.max_batch_size if self.max_waiting_requests is None else self.max_waiting_requests
 
     @property
     def limits(self) -> Limits:
@@ -150,7 +166,10 @@ class Server:
         try:
             t0 = time.monotonic()
             self.sm = self.loader()
-            self.engine = Engine(self.sm, max_batch_size=self.cfg.max_batch_size, metrics=self.metrics)
+            self.engine = Engine(
+                self.sm, max_batch_size=self.cfg.max_batch_size, metrics=self.metrics, max_total_tokens=self.limits.max_total_tokens,
+                decode=self.cfg.decode, kv_cache_fraction=self.cfg.kv_cache_fraction,
+            )  # fmt: skip
             self.engine.start()
             log.info(json.dumps({"event": "model_loaded", "model": self.sm.name, "adapters": sorted(self.sm.adapters), "seconds": round(time.monotonic() - t0, 2)}))
             self.state = "warming"
@@ -211,10 +230,36 @@ class Server:
             msg = f"model not ready ({self.state}" + (f": {self.failure}" if self.failure else "") + ")"
             raise ServeError(503, msg, "overloaded")
 
+    @property
+    def batch_rows(self) -> int:
+        """Rows the engine decodes together: --max-batch-size, or fewer when its KV slots are capped."""
+        slots = (getattr(self.engine, "decode_info", None) or {}).get("slots")
+        return min(self.cfg.max_batch_size, slots) if isinstance(slots, int) and slots > 0 else self.cfg.max_batch_size
+
+    @property
+    def admission_limit(self) -> int:
+        """Requests in flight (preparing, waiting for a batch row, generating) beyond which new ones get 429.
+
+        TGI's --max-concurrent-requests (default 128) bounds it, and so does a full batch plus
+        --max-waiting-requests: a saturated server refuses the excess at once rather than queueing it for
+        longer than about one generation (with the default, one batch's worth waits) until the client
+        gives up. Rows free up as requests finish, so a queue of one batch keeps the batch full."""
+        return min(self.cfg.max_concurrent_requests, self.batch_rows + self.cfg.waiting_requests)
+
+    def check_admission(self) -> None:
+        """429 with TGI's "Model is overloaded" when one more request would pass `admission_limit`."""
+        c, limit = self.cfg, self.admission_limit
+        if self.in_flight < limit:
+            return
+        if limit == c.max_concurrent_requests:
+            why = f"--max-concurrent-requests {c.max_concurrent_requests}"
+        else:
+            why = f"{self.batch_rows} generating (--max-batch-size) + {c.waiting_requests} waiting (--max-waiting-requests)"
+        raise ServeError(429, f"Model is overloaded: {self.in_flight} requests in flight, the limit is {limit}: {why}; retry later", "overloaded")
+
     async def begin(self, greq: GenerationRequest, adapter: str | None) -> tuple[Handle, object]:
         """Admission, preparation (thread pool) and submission; the caller must call `end()`."""
-        if self.in_flight >= self.cfg.max_concurrent_requests:
-            raise ServeError(429, f"Model is overloaded: {self.in_flight} requests in flight (--max-concurrent-requests {self.cfg.max_concurrent_requests})", "overloaded")
+        self.check_admission()
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         try:
@@ -511,6 +556,8 @@ def build_app(server: Server) -> Starlette:
                 "model_pipeline_tag": "image-text-to-text",
                 "adapters": sorted(sm.adapters) if sm else [],
                 "max_concurrent_requests": cfg.max_concurrent_requests,
+                "max_waiting_requests": cfg.waiting_requests,
+                "admission_limit": server.admission_limit,
                 "max_best_of": 1,
                 "max_stop_sequences": 4,
                 "max_input_tokens": server.limits.max_input_tokens,
@@ -526,6 +573,7 @@ def build_app(server: Server) -> Starlette:
                 "sha": None,
                 "docker_label": None,
                 "state": server.state,
+                "decode": server.engine.decode_info if server.engine else None,
             }
         )
 

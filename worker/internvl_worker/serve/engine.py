@@ -243,13 +243,22 @@ class _Row:
 # -------------------------------------------------------------------------------------------- engine
 
 
+DECODE_MODES = ("auto", "graphs", "static", "eager")
+
+
 class Engine:
     """Continuous batching over one model. `submit` is thread-safe; events go out through handles."""
 
-    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None):
+    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.sm = sm
         self.max_batch_size = max_batch_size
         self.metrics = metrics
+        self.max_total_tokens = max_total_tokens
+        self.decode = decode
+        self.kv_cache_fraction = kv_cache_fraction
+        self.decode_info: dict = {}  # what the engine chose (reported by /info and the startup log)
         self.stop_ids = list(sm.template.stop_token_ids or [])
         if not self.stop_ids and sm.model.generation_config.eos_token_id is not None:
             eos = sm.model.generation_config.eos_token_id
@@ -259,6 +268,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._pending: list[tuple[Handle, tuple]] = []
+        self._slots = None
+        self._started = threading.Event()
+        self.start_error: str | None = None
         self.steps = 0
         # transformers renamed `past_key_values` to `cache` during 5.x (the GPU image has 5.17, we 5.24)
         import inspect
@@ -268,9 +280,15 @@ class Engine:
 
     # -- public
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start the engine thread; by default return once it has chosen its decode path (and captured
+        its CUDA graphs), so the first request does not wait for that."""
         self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
         self._thread.start()
+        if wait:
+            self._started.wait()
+            if self.decode == "graphs" and self.start_error:
+                raise EngineError(f"--decode graphs: {self.start_error}")
 
     def submit(self, handle: Handle) -> Handle:
         with self._cv:
@@ -296,22 +314,89 @@ class Engine:
     def running(self) -> int:
         return len(self._batch) if hasattr(self, "_batch") else 0
 
+    # -- choosing how to decode
+
+    def _new_batch(self):
+        """A fresh batch of the kind chosen at start (slots: fixed buffers, maybe graphs; else KVBatch)."""
+        from .kvbatch import KVBatch
+
+        if self._slots is not None:
+            return SlotBatch(self._slots)
+        return KVBatch(self.sm.device)
+
+    def _make_slots(self):
+        """The fixed-slot decoder when this model and mode allow it; None for the eager KVBatch path.
+
+        auto: slots with CUDA graphs on a GPU for a model without adapters (PEFT's per-row adapter hooks
+        are Python, not graph-safe); the eager path otherwise. graphs: as auto but an error when impossible.
+        static: slots without graphs (any device; the tests' way to check the slot path). eager: KVBatch."""
+        import torch
+
+        from . import slots
+
+        mode, sm = self.decode, self.sm
+        cuda = sm.device.type == "cuda"
+        reason = None
+        if mode == "eager":
+            reason = "--decode eager"
+        elif sm.peft is not None:
+            reason = "LoRA adapters are served (per-row adapters run eagerly)"
+        elif mode in ("auto", "graphs") and not cuda:
+            reason = "no CUDA device"
+        if reason:
+            if mode == "graphs":
+                raise EngineError(f"--decode graphs: {reason}")
+            self.decode_info = {"decode": "eager", "why": reason}
+            return None
+        rows = self.max_batch_size
+        per_token = slots.kv_bytes_per_token(sm.model.config.text_config, sm.model.dtype.itemsize)
+        if cuda:
+            free, _ = torch.cuda.mem_get_info(sm.device)
+            rows = slots.plan_slots(wanted=rows, max_len=self.max_total_tokens, bytes_per_token=per_token, free_bytes=free, fraction=self.kv_cache_fraction)
+            if rows < 1:
+                reason = f"one slot of {self.max_total_tokens} tokens ({per_token * self.max_total_tokens / 1e9:.1f} GB) does not fit in {self.kv_cache_fraction:.0%} of the free {free / 1e9:.1f} GB"
+                if mode == "graphs":
+                    raise EngineError(f"--decode graphs: {reason}; lower --max-total-tokens")
+                self.decode_info = {"decode": "eager", "why": reason}
+                return None
+        t0 = time.monotonic()
+        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static")
+        graphs = dec.capture_all() if dec.use_graphs else 0
+        self.decode_info = {
+            "decode": "graphs" if dec.use_graphs else "static", "slots": rows, "max_len": self.max_total_tokens,
+            "kv_cache_gb": round(dec.bytes / 1e9, 2), "graphs": graphs, "capture_s": round(time.monotonic() - t0, 2),
+        }  # fmt: skip
+        if rows < self.max_batch_size:
+            self.decode_info["why"] = f"--max-batch-size {self.max_batch_size} lowered to {rows}: the KV slots that fit in {self.kv_cache_fraction:.0%} of free GPU memory"
+        return dec
+
     # -- the loop
 
     def _run(self) -> None:
         import torch
 
-        from .kvbatch import KVBatch
-
-        self._batch = KVBatch(self.sm.device)
         with torch.inference_mode():
+            try:
+                self._slots = self._make_slots()
+            except Exception as e:
+                self.start_error = f"{type(e).__name__}: {e}"
+                if self.decode == "graphs":
+                    self._started.set()
+                    return  # start() raises it
+                log.exception("the slot decoder failed to start; decoding eagerly")
+                self._slots = None
+                self.decode_info = {"decode": "eager", "why": f"slot decoder failed: {self.start_error}"}
+            log.info("decode: %s", self.decode_info)
+            self._batch = self._new_batch()
+            self._started.set()
+            capacity = self._slots.slots if self._slots is not None else self.max_batch_size
             while True:
                 with self._cv:
                     while not self._waiting and not len(self._batch) and not self._stopping:
                         self._cv.wait()
                     if self._stopping and not self._waiting and not len(self._batch):
                         break
-                    room = self.max_batch_size - len(self._batch)
+                    room = min(self.max_batch_size, capacity) - len(self._batch)
                     admit, self._waiting = self._waiting[:room], self._waiting[room:]
                 try:
                     self._admit(admit)
@@ -321,7 +406,7 @@ class Engine:
                     log.exception("decode step failed; failing %d running request(s)", len(self._batch))
                     for row in self._batch.rows:
                         self._emit(row.handle, ("error", f"generation failed: {type(e).__name__}: {e}"))
-                    self._batch = KVBatch(self.sm.device)
+                    self._batch = self._new_batch()
                 self._flush()
                 self._gauges()
 
@@ -401,18 +486,22 @@ class Engine:
         if not len(batch):
             return
         rows = batch.rows
-        ids = torch.tensor([[r.last] for r in rows], device=device)
-        pos = torch.tensor([[r.pos] for r in rows], device=device)
-        mask = batch.attention_mask(1)
-        with self.sm.adapter_context(self._adapters(rows)):
-            out = self.sm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache()})
-        batch.advance(1)
+        if isinstance(batch, SlotBatch):
+            logits = batch.decoder.step([r.last for r in rows], [r.pos for r in rows])
+        else:
+            ids = torch.tensor([[r.last] for r in rows], device=device)
+            pos = torch.tensor([[r.pos] for r in rows], device=device)
+            mask = batch.attention_mask(1)
+            with self.sm.adapter_context(self._adapters(rows)):
+                out = self.sm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache()})
+            batch.advance(1)
+            logits = out.logits[:, -1]
         for r in rows:
             r.pos += 1
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(rows))
-        self._accept(rows, out.logits[:, -1])
+        self._accept(rows, logits)
         batch.keep([i for i, r in enumerate(rows) if not r.done])
 
     def _accept(self, rows: list[_Row], logits) -> None:
@@ -452,6 +541,29 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: its requests are gone
                 pass
+
+
+class SlotBatch:
+    """The running rows over a SlotDecoder: row i is slot i; the same interface as KVBatch for the loop."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.rows: list = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, rows: list, caches: list) -> None:
+        for row, kv in zip(rows, caches):
+            self.decoder.write_prompt(len(self.rows), kv)
+            self.rows.append(row)
+
+    def keep(self, indices: list[int]) -> None:
+        if len(indices) == len(self.rows):
+            return
+        used = max((self.rows[i].pos for i in indices), default=0) + 1
+        self.decoder.compact(indices, used)
+        self.rows = [self.rows[i] for i in indices]
 
 
 def _deliver(items) -> None:

@@ -1,0 +1,133 @@
+"""The fixed-slot decode path (serve/slots.py): same tokens as the reference, rows joining and leaving.
+
+On a CPU the slots run eagerly (`decode="static"`); the CUDA-graph replay of the very same step function
+is checked by tests/gpu/test_serve_graphs.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl_worker.infer import inference
+from internvl_worker.serve import slots
+from internvl_worker.serve.engine import Engine, EngineError, Handle, Prepared, load_served_model
+from internvl_worker.serve.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    """The tiny model served without adapters (adapters force the eager path)."""
+    return load_served_model(model_id_or_path=str(tiny_model_dir), dtype="fp32", device_map={"": "cpu"})
+
+
+def _prepared(sm, query: str, image=None) -> Prepared:
+    from internvl_worker.infer import build_conversation
+    from internvl_worker.serve.engine import encode_images
+
+    t = sm.template
+    pixel_values, tiles = t.tiler([image]) if image is not None else (None, [])
+    enc = t.encode(build_conversation(query, [], [image] if image is not None else [], None), tiles, check_length=False)
+    p = Prepared(input_ids=enc.input_ids, image_tokens=enc.image_tokens, tiles=tiles)
+    if pixel_values is not None:
+        p.image_features = encode_images(sm, pixel_values)
+    return p
+
+
+def _run(engine: Engine, jobs) -> list[list[int]]:
+    handles = [engine.submit(Handle(SamplingParams(max_new_tokens=n, min_new_tokens=n), None, p)) for p, n in jobs]
+    out = []
+    for h in handles:
+        toks = [ev[1] for ev in h.events_sync(timeout=120) if ev[0] == "token"]
+        out.append(toks)
+    return out
+
+
+def test_slot_engine_equals_reference_while_rows_join_and_leave(plain):
+    red, green = Image.new("RGB", (64, 48), (250, 10, 10)), Image.new("RGB", (40, 70), (10, 240, 10))
+    words = "red green blue cat dog road city poem left right".split()
+    jobs = [(_prepared(plain, f"What is the {w}?", [red, green, None][i % 3]), 3 + (i * 5) % 11) for i, w in enumerate(words)]
+    eager = Engine(plain, max_batch_size=4, decode="eager", max_total_tokens=512)
+    static = Engine(plain, max_batch_size=4, decode="static", max_total_tokens=512)
+    for e in (eager, static):
+        e.start()
+    try:
+        want = _run(eager, jobs)
+        got = _run(static, jobs)
+    finally:
+        eager.shutdown(30)
+        static.shutdown(30)
+    assert static.decode_info["decode"] == "static" and static.decode_info["slots"] == 4
+    assert eager.decode_info["decode"] == "eager"
+    assert got == want
+    assert [len(t) for t in got] == [n for _, n in jobs]
+    # and the slots equal plain `generate` up to its first stop token: spot-check two rows
+    tok = plain.template.tokenizer
+    stops = set(plain.template.stop_token_ids or [])
+    for i in (0, 1):
+        text = inference(plain.model, plain.template, f"What is the {words[i]}?", images=[[red], [green]][i], max_new_tokens=jobs[i][1])[0]
+        ours = next((got[i][:k] for k, t in enumerate(got[i]) if t in stops), got[i])
+        assert tok.decode(ours, skip_special_tokens=True) == text
+
+
+def test_slot_step_logits_equal_a_full_forward(plain):
+    """Decode three tokens for two rows of different lengths; each step's logits equal a no-cache forward."""
+    from transformers.cache_utils import DynamicCache
+
+    model = plain.model
+    dec = slots.SlotDecoder(model, slots=3, max_len=300, use_graphs=False)
+    prompts = [[5, 9, 13, 2, 7, 30, 31], [8, 3, 22]]
+    seqs = [list(p) for p in prompts]
+    for slot, p in enumerate(prompts):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([p]), use_cache=True, cache=cache)
+        dec.write_prompt(slot, [(layer.keys, layer.values) for layer in cache.layers])
+    with torch.inference_mode():
+        for step in range(3):
+            nxt = [17 + step, 40 + step]
+            logits = dec.step(nxt, [len(s) for s in seqs]).clone()
+            for i, t in enumerate(nxt):
+                seqs[i].append(t)
+                ref = model(input_ids=torch.tensor([seqs[i]])).logits[0, -1]
+                torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+        # row 0 leaves: row 1 moves into slot 0 and decodes on from there
+        dec.compact([1], used_columns=len(seqs[1]))
+        logits = dec.step([99], [len(seqs[1])]).clone()
+        seqs[1].append(99)
+        ref = model(input_ids=torch.tensor([seqs[1]])).logits[0, -1]
+        torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_buckets_and_slot_planning():
+    assert [slots.batch_bucket(n, 64) for n in (1, 3, 5, 17, 33, 64)] == [1, 4, 8, 24, 48, 64]
+    assert slots.batch_bucket(70, 40) == 40  # never above the slot count
+    assert slots.length_buckets(1500) == [256, 512, 1024, 1500]
+    assert slots.length_bucket(257, 1500) == 512
+    with pytest.raises(ValueError, match="1501 KV columns, over the cache's 1500"):
+        slots.length_bucket(1501, 1500)
+    # InternVL3-1B's LM: 24 layers x 2 KV heads x 64 dims x (K and V) x 2 bytes = 12,288 bytes a token
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+    per = slots.kv_bytes_per_token(cfg, 2)
+    assert per == 12_288
+    assert slots.plan_slots(wanted=64, max_len=10_240, bytes_per_token=per, free_bytes=70 * 10**9, fraction=0.5) == 64
+    assert slots.plan_slots(wanted=64, max_len=10_240, bytes_per_token=per, free_bytes=4 * 10**9, fraction=0.5) == 15
+
+
+def test_decode_modes(plain, served_model):
+    with pytest.raises(ValueError, match="decode 'fast'"):
+        Engine(plain, decode="fast")
+    e = Engine(plain, decode="graphs")
+    with pytest.raises(EngineError, match="--decode graphs: no CUDA device"):
+        e.start()
+    auto = Engine(plain, decode="auto")  # CPU: eager, and it says why
+    auto.start()
+    auto.shutdown(10)
+    assert auto.decode_info == {"decode": "eager", "why": "no CUDA device"}
+    adapters = Engine(served_model, decode="static")
+    adapters.start()
+    adapters.shutdown(10)
+    assert adapters.decode_info["decode"] == "eager" and "LoRA adapters" in adapters.decode_info["why"]
