@@ -244,12 +244,13 @@ class _Row:
 
 
 DECODE_MODES = ("auto", "graphs", "static", "eager")
+PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward (slot path)
 
 
 class Engine:
     """Continuous batching over one model. `submit` is thread-safe; events go out through handles."""
 
-    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5):
+    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5, compile: bool = False):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.sm = sm
@@ -258,6 +259,7 @@ class Engine:
         self.max_total_tokens = max_total_tokens
         self.decode = decode
         self.kv_cache_fraction = kv_cache_fraction
+        self.compile = compile
         self.decode_info: dict = {}  # what the engine chose (reported by /info and the startup log)
         self.stop_ids = list(sm.template.stop_token_ids or [])
         if not self.stop_ids and sm.model.generation_config.eos_token_id is not None:
@@ -360,10 +362,10 @@ class Engine:
                 self.decode_info = {"decode": "eager", "why": reason}
                 return None
         t0 = time.monotonic()
-        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static")
+        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile)
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
-            "decode": "graphs" if dec.use_graphs else "static", "slots": rows, "max_len": self.max_total_tokens,
+            "decode": "graphs" if dec.use_graphs else "static", "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
             "kv_cache_gb": round(dec.bytes / 1e9, 2), "graphs": graphs, "capture_s": round(time.monotonic() - t0, 2),
         }  # fmt: skip
         if rows < self.max_batch_size:
@@ -416,55 +418,121 @@ class Engine:
             self.metrics.running.set(len(self._batch))
 
     def _admit(self, handles: list[Handle]) -> None:
-        rows, caches = [], []
+        rows = []
         for h in handles:
             if h.cancelled.is_set():
                 self._emit(h, ("done", "cancelled"))
-                continue
-            row = _Row(h)
+            else:
+                rows.append(_Row(h))
+        if self._slots is not None:
+            self._admit_together(rows)
+            return
+        kept, caches = [], []
+        for row in rows:
             try:
                 cache = self._prefill(row)
             except Exception as e:
-                log.exception("prefill failed for request %s", h.id)
-                self._emit(h, ("error", f"generation failed: {type(e).__name__}: {e}"))
+                self._fail([row], "prefill", e)
                 continue
             if not row.done:
-                rows.append(row)
+                kept.append(row)
                 caches.append(cache)
-        self._batch.add(rows, caches)
+        self._batch.add(kept, caches)
+
+    def _fail(self, rows: list[_Row], what: str, e: Exception) -> None:
+        log.exception("%s failed for request(s) %s", what, [r.handle.id for r in rows])
+        for r in rows:
+            self._emit(r.handle, ("error", f"generation failed: {type(e).__name__}: {e}"))
+
+    def _admit_together(self, rows: list[_Row]) -> None:
+        """Slot path: the newcomers' prompts in as few forwards as fit PREFILL_TOKENS (right-padded, so the
+        causal mask alone keeps padding out of every real token's attention). One prefill per request
+        costs ~20 ms of Python per forward: 64 arrivals one by one would stall decoding for over a second."""
+        embedded = []
+        for row in rows:
+            try:
+                embedded.append((row, self._embeds(row)))
+            except Exception as e:
+                self._fail([row], "prefill", e)
+        embedded.sort(key=lambda x: x[1].shape[0])
+        group: list = []
+        for item in embedded + [None]:
+            if group and (item is None or (len(group) + 1) * item[1].shape[0] > PREFILL_TOKENS):
+                try:
+                    caches = self._prefill_group(group)
+                except Exception as e:
+                    self._fail([r for r, _ in group], "prefill", e)
+                else:
+                    live = [i for i, (r, _) in enumerate(group) if not r.done]
+                    self._batch.add([group[i][0] for i in live], [caches[i] for i in live])
+                group = []
+            if item is not None:
+                group.append(item)
+
+    def _prefill_group(self, group: list) -> list:
+        """Prefill rows together (batch = len(group), right-padded); returns each row's KV per layer."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        lengths = [e.shape[0] for _, e in group]
+        width = max(lengths)
+        first = group[0][1]
+        embeds = first.new_zeros(len(group), width, first.shape[-1])
+        for i, (_, e) in enumerate(group):
+            embeds[i, : e.shape[0]] = e
+        device = self.sm.device
+        cache = DynamicCache()
+        lm = self.sm.model.model.language_model
+        out = lm(inputs_embeds=embeds, position_ids=torch.arange(width, device=device)[None].expand(len(group), width), use_cache=True, **{self._cache_kw: cache})
+        last = torch.tensor([n - 1 for n in lengths], device=device)
+        hidden = out.last_hidden_state[torch.arange(len(group), device=device), last]
+        rows = [r for r, _ in group]
+        for r, n in zip(rows, lengths):
+            r.pos = n
+        self._accept(rows, self.sm.model.lm_head(hidden))
+        # Each row's padded columns go into its slot too: decode overwrites column `pos` before any
+        # step's mask (`column <= pos`) lets it be read.
+        return [[(layer.keys[i : i + 1], layer.values[i : i + 1]) for layer in cache.layers] for i in range(len(group))]
 
     def _adapters(self, rows) -> list[str] | None:
         if self.sm.peft is None:
             return None
         return [r.handle.adapter or self.sm.default_adapter or BASE_ADAPTER for r in rows]
 
+    def _embeds(self, row: _Row, adapters: list[str] | None = None):
+        """(prompt tokens, hidden): token embeddings with the image features over the <IMG_CONTEXT> slots,
+        as the model's own forward does (masked_scatter); done here so it works on every transformers 5.x."""
+        import torch
+
+        p = row.handle.prepared
+        sm = self.sm
+        feats = p.image_features
+        if feats is None and p.pixel_values is not None:
+            feats = encode_images(sm, p.pixel_values, adapters[0] if adapters else None)
+        ids = torch.tensor(p.input_ids, device=sm.device)
+        embeds = sm.model.get_input_embeddings()(ids)
+        if feats is not None:
+            slots = ids == sm.model.config.image_token_id
+            feats = feats.reshape(-1, feats.shape[-1])
+            if int(slots.sum()) != feats.shape[0]:
+                raise EngineError(f"image tokens in the prompt ({int(slots.sum())}) != image features ({feats.shape[0]})")
+            embeds = embeds.masked_scatter(slots[:, None].expand_as(embeds), feats.to(embeds.device, embeds.dtype))
+        return embeds
+
     def _prefill(self, row: _Row):
         """Run the prompt alone (batch 1, unpadded) and choose the first token; returns its KV per layer."""
         import torch
         from transformers.cache_utils import DynamicCache
 
-        p = row.handle.prepared
         sm, device = self.sm, self.sm.device
         adapters = self._adapters([row])
-        feats = p.image_features
-        if feats is None and p.pixel_values is not None:
-            feats = encode_images(sm, p.pixel_values, adapters[0] if adapters else None)
-        n = len(p.input_ids)
-        ids = torch.tensor([p.input_ids], device=device)
+        n = len(row.handle.prepared.input_ids)
         cache = DynamicCache()
         with sm.adapter_context(adapters):
-            # The image features go in as embeddings, as the model's own forward puts them (masked_scatter
-            # over the <IMG_CONTEXT> positions); done here so it works on every transformers 5.x.
-            embeds = sm.model.get_input_embeddings()(ids)
-            if feats is not None:
-                slots = ids[0] == sm.model.config.image_token_id
-                feats = feats.reshape(-1, feats.shape[-1])
-                if int(slots.sum()) != feats.shape[0]:
-                    raise EngineError(f"image tokens in the prompt ({int(slots.sum())}) != image features ({feats.shape[0]})")
-                embeds = embeds.masked_scatter(slots[None, :, None].expand_as(embeds), feats.to(embeds.device, embeds.dtype))
+            embeds = self._embeds(row, adapters)[None]
             out = sm.model(
                 inputs_embeds=embeds,
-                attention_mask=torch.ones_like(ids),
+                attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
                 position_ids=torch.arange(n, device=device)[None],
                 use_cache=True,
                 logits_to_keep=1,

@@ -110,7 +110,7 @@ class _SlotCache:
 class SlotDecoder:
     """Fixed KV buffers for `slots` requests of up to `max_len` tokens, and the decode step over them."""
 
-    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None):
+    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None, compile: bool = False):
         import torch
 
         self.model = model
@@ -128,12 +128,17 @@ class SlotDecoder:
         self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.rows = torch.arange(slots, device=self.device)
+        self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._staged = torch.zeros(2, slots, dtype=torch.long, device=self.device)
         self.columns = torch.arange(max_len, device=self.device)
         self.logits = torch.empty(slots, self.head.weight.shape[0], dtype=self.dtype, device=self.device)
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], object] = {}
         self._pool = None
+        # torch.compile fuses the step's ~40 small kernels a layer (RMSNorm, RoPE, SiLU, residuals) into
+        # a few; dynamic shapes so that one compilation serves every bucket (batch 1 compiles apart).
+        self._run = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
     @property
     def bytes(self) -> int:
@@ -177,16 +182,17 @@ class SlotDecoder:
             raise ValueError(f"{n} rows for {self.slots} slots")
         b = batch_bucket(n, self.slots)
         length = length_bucket(max(positions) + 1, self.max_len)
-        host = torch.zeros(2, b, dtype=torch.long)
+        # One host->device copy of (tokens, positions), through a pinned buffer allocated once. Padding
+        # rows get token 0 at position 0.
+        host = self._host[:, :b]
+        host.zero_()
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(positions)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        staged = host.to(self.device, non_blocking=True)
-        self.ids[:b].copy_(staged[0])
-        self.pos[:b].copy_(staged[1])
+        self._staged[:, :b].copy_(host, non_blocking=True)
+        self.ids[:b].copy_(self._staged[0, :b])
+        self.pos[:b].copy_(self._staged[1, :b])
         if not self.use_graphs:
-            self._forward(b, length)
+            self._run(b, length)
         else:
             graph = self.graphs.get((b, length))
             if graph is None:
@@ -225,11 +231,11 @@ class SlotDecoder:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(b, length)
+                self._run(b, length)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._forward(b, length)
+            self._run(b, length)
         return graph
 
     def capture_all(self, max_batch: int | None = None) -> int:
