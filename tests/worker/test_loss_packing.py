@@ -59,3 +59,64 @@ def test_packed_rows_give_the_padded_loss(tiny, batch_rows, attn):
     assert na == nb
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert abs(float(c) - float(a)) > 1e-3
+
+
+def test_hidden_state_path_gives_the_logits_loss_and_gradients(tiny, batch_rows):
+    """The path that feeds Liger's fused linear cross-entropy (answer hidden states + LM head weight),
+    with the plain PyTorch reference in the kernel's place, gives the logits path's loss and gradients."""
+    from internvl_worker.speedups import plain_linear_cross_entropy
+
+    model = tiny.model
+    batch = collate(batch_rows, tiny.template.tokenizer.pad_token_id)
+    head = model.get_output_embeddings()
+    calls = []
+
+    def reference(weight, hidden, targets):
+        calls.append((weight, tuple(hidden.shape), targets.clone()))
+        return plain_linear_cross_entropy(weight, hidden, targets)
+
+    def loss_and_grads(linear_ce):
+        model.zero_grad(set_to_none=True)
+        loss, n, outputs = answer_loss_sum(model, batch, linear_ce)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), n, outputs, grads
+
+    was = {p: p.requires_grad for p in model.parameters()}  # the model is shared by the session's tests
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        a, na, _, grads_a = loss_and_grads(None)
+        b, nb, outputs, grads_b = loss_and_grads(reference)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in was.items():
+            p.requires_grad_(flag)
+    answers = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    assert len(calls) == 1 and calls[0][0] is head.weight  # the (tied) LM head weight itself: its gradient flows
+    assert calls[0][1] == (na, model.config.text_config.hidden_size) and torch.equal(calls[0][2], answers)
+    assert outputs.logits.ndim == 0  # no logits at all: the head returned the summed loss
+    assert na == nb
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any("lm_head" in k or "embed_tokens" in k for k in grads_a)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-6, msg=k)
+    with torch.no_grad():
+        assert model(**batch).logits.shape[-1] == model.config.text_config.vocab_size  # the head is a head again
+
+
+def test_hidden_state_path_restores_the_head_and_skips_empty_batches(tiny, batch_rows):
+    model = tiny.model
+    batch = collate(batch_rows, tiny.template.tokenizer.pad_token_id)
+
+    def broken(weight, hidden, targets):
+        raise RuntimeError("kernel failed")
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="kernel failed"):
+        answer_loss_sum(model, batch, broken)
+    assert "forward" not in model.get_output_embeddings().__dict__  # restored even after an error
+    # A batch without answer tokens never reaches the fused kernel (its chunking divides by the row count).
+    no_answers = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    with torch.no_grad():
+        loss, n, _ = answer_loss_sum(model, no_answers, broken)
+    assert n == 0 and float(loss) == 0.0

@@ -33,6 +33,8 @@ class SftArguments:
     group_by_length: bool = field(default=True, metadata={"help": "batch rows of similar length together (less padding)"})
     packing: bool = field(default=False, metadata={"help": "concatenate each batch's rows into one sequence with per-row attention (no padding at all)"})
     attn_impl: str | None = field(default=None, metadata={"help": "attention kernel: sdpa | flex_attention | flash_attention_2 | eager (default: flash-attn if installed and asked for, else sdpa)"})
+    use_liger_kernel: bool = field(default=False, metadata={"help": "Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the LLM and a fused LM head + loss that never stores the answer logits; needs liger-kernel and a CUDA GPU (else a warning and the plain kernels)"})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile each LLM decoder layer (dynamic shapes); the first batches are slow while it compiles"})
     # method
     sft_type: str = field(default="lora", metadata={"help": "lora | full"})
     lora_rank: int = 8

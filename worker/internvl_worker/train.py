@@ -31,6 +31,7 @@ from .images import load_image
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
+from .speedups import LinearCrossEntropy, compile_decoder_layers, plain_linear_cross_entropy, setup_liger
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,18 @@ def write_rows_jsonl(path: Path, rows) -> None:
 # --------------------------------------------------------------------------------------------- model
 
 
-def answer_loss_sum(model, inputs: dict):
+def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = None):
     """(summed cross-entropy over the answer tokens, their count, model outputs).
 
     Most positions of a VLM sample are image and prompt tokens (label -100), so the LM head runs only
     where a label follows (`logits_to_keep` as a boolean mask): for a 2,500-token row with a 200-token
-    answer that is 12x fewer 151,674-wide fp32 logits than the usual full-sequence loss."""
+    answer that is 12x fewer 151,674-wide fp32 logits than the usual full-sequence loss.
+
+    With `linear_ce` (Liger's fused linear cross-entropy under --use_liger_kernel) not even those logits
+    are stored: for the length of the forward the LM head hands its input, the answer hidden states, to
+    `linear_ce` and returns the summed loss in place of logits (`outputs.logits` is then that scalar).
+    The loss is computed inside the head's forward so that it runs where the model's forward runs: under
+    the Trainer's autocast, inside DDP's forward, and with the head's weight gathered under ZeRO-3."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     targets = torch.full_like(labels, IGNORE_INDEX)
@@ -168,10 +175,35 @@ def answer_loss_sum(model, inputs: dict):
     keep = targets != IGNORE_INDEX
     # use_cache=False also matters for packing: transformers reads position-id restarts as row
     # boundaries only when no KV cache is being built.
-    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-    loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum()), outputs
+    if linear_ce is None:
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[keep], reduction="sum")
+        return loss, int(keep.sum()), outputs
+    head = output_head(model)
+    answer_targets = targets[keep]
 
+    def head_loss(hidden):  # hidden: [answer tokens, hidden size], transformers' boolean-mask slice
+        # Liger's kernel divides by its chunk count, which is 0 for a batch without answer tokens.
+        fn = linear_ce if hidden.shape[0] else plain_linear_cross_entropy
+        return fn(head.weight, hidden, answer_targets)
+
+    own_forward = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook), if any
+    head.forward = head_loss
+    try:
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        if own_forward is None:
+            del head.forward  # the class's forward again
+        else:
+            head.forward = own_forward
+    return outputs.logits, int(keep.sum()), outputs
+
+
+def output_head(model) -> torch.nn.Module:
+    """The LM head Linear, through DDP's and DeepSpeed's `.module` and PEFT's wrapper."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_output_embeddings()
 
 
 VISION_PREFIXES = ("model.vision_tower", "vision_tower")
@@ -315,9 +347,9 @@ def make_trainer_class():
                 self.bar.close()
 
     class InternVLTrainer(Trainer):
-        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, group_by_length: bool = False, packing: bool = False, **kw):
+        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, group_by_length: bool = False, packing: bool = False, linear_ce: LinearCrossEntropy | None = None, **kw):
             super().__init__(*a, **kw)
-            self.group_by_length, self.packing = group_by_length, packing
+            self.group_by_length, self.packing, self.linear_ce = group_by_length, packing, linear_ce
             self.run_dir, self.save_extras, self.keep_checkpoints = run_dir, save_extras, keep_checkpoints
             self.max_nonfinite_steps = max_nonfinite_steps
             self.tokens_seen = 0
@@ -334,7 +366,7 @@ def make_trainer_class():
             """Cross-entropy on the answer tokens only (answer_loss_sum), normalised as transformers does."""
             mask = inputs.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            loss, n_targets, outputs = answer_loss_sum(model, inputs)
+            loss, n_targets, outputs = answer_loss_sum(model, inputs, self.linear_ce)
             if num_items_in_batch is not None:
                 # Normalised by the answer tokens of the whole accumulated (and, across GPUs, global) batch,
                 # as transformers does; DDP's gradient averaging is undone by the world-size factor.
@@ -522,10 +554,13 @@ def run_sft(args: SftArguments) -> Path:
 
     model = loaded.model
     model.config.use_cache = False
+    linear_ce = setup_liger(model) if args.use_liger_kernel else None  # before PEFT wraps the layers
     model, trainable, total = prepare_trainable(model, args, spec)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if args.torch_compile:
+        log.info("torch.compile: %d decoder layers (compiled on their first batch)", compile_decoder_layers(model))
 
     sft_args = args.to_json() | {
         "model_type": spec.model_type,
@@ -602,6 +637,7 @@ def run_sft(args: SftArguments) -> Path:
         keep_checkpoints=args.save_total_limit,
         group_by_length=args.group_by_length,
         packing=args.packing,
+        linear_ce=linear_ce,
     )
     if rank == 0:
         print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)

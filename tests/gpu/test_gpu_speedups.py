@@ -1,0 +1,123 @@
+"""GPU: --use_liger_kernel and --torch_compile give the plain path's loss and gradients on the tiny model,
+in the three numeric settings `internvl sft` runs (fp32; full fine-tuning's fp32 weights under bf16 autocast;
+LoRA on a bf16 base under bf16 autocast)."""
+
+import copy
+
+import pytest
+import torch
+
+from internvl_worker.speedups import compile_decoder_layers, language_model, setup_liger
+from internvl_worker.templates import Conversation
+from internvl_worker.train import SftDataset, answer_loss_sum, collate
+
+pytestmark = pytest.mark.gpu
+
+SETTINGS = ["fp32", "full-autocast-bf16", "lora-bf16"]
+# Relative error allowed: fp32 differs only in summation order; bf16 rounds differently inside the kernels.
+LOSS_RTOL = {"fp32": 1e-4, "full-autocast-bf16": 1e-2, "lora-bf16": 1e-2}
+GRAD_REL = {"fp32": 1e-3, "full-autocast-bf16": 3e-2, "lora-bf16": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny, tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("gpu-rows")
+    Image.new("RGB", (60, 20), (10, 200, 10)).save(folder / "g.png")
+
+    class Row:
+        def __init__(self, conv):
+            self.conversation = conv
+
+    convs = [
+        Conversation(turns=[("What color?", "green and then some more words to answer")], images=[str(folder / "g.png")]),
+        Conversation(turns=[("Say something longer, please.", "one two three four five six seven eight nine ten")]),
+        Conversation(turns=[("Hi.", "yes")]),
+    ]
+    ds = SftDataset([Row(c) for c in convs], tiny.template, [0] * len(convs))
+    out = collate([ds[i] for i in range(len(ds))], tiny.template.tokenizer.pad_token_id)
+    return {k: v.cuda() for k, v in out.items()}
+
+
+def _model(tiny_model_dir, setting):
+    from internvl_worker.modeling import load_model
+
+    return load_model(tiny_model_dir, dtype="bf16" if setting == "lora-bf16" else "fp32", device_map={"": 0}).model.train()
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+    torch.manual_seed(0)  # the same adapter initialisation for both models
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():  # B starts at 0; give it values so every adapter has a gradient path
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _loss_and_grads(model, batch, setting, linear_ce=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=setting != "fp32"):
+        loss, n, _ = answer_loss_sum(model, batch, linear_ce)
+    loss.backward()
+    return loss.detach().float(), n, {k: p.grad.float() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.fixture
+def restore_qwen2(monkeypatch):
+    """Liger replaces transformers' Qwen2 RoPE function and module classes process-wide: undo it afterwards."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    for name in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP"):
+        monkeypatch.setattr(modeling_qwen2, name, getattr(modeling_qwen2, name))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setting, restore_qwen2):
+    pytest.importorskip("liger_kernel")
+    plain = _model(tiny_model_dir, setting)
+    fused = copy.deepcopy(plain)
+    if setting == "lora-bf16":
+        plain = _lora(plain)
+    else:
+        for model in (plain, fused):  # as sft's full fine-tuning: the ViT frozen
+            for name, p in model.named_parameters():
+                p.requires_grad_("vision_tower" not in name)
+    # The plain model runs first: Liger's RoPE patch would also reach it.
+    ref_loss, ref_n, ref_grads = _loss_and_grads(plain, batch, setting)
+
+    linear_ce = setup_liger(fused)  # patches before PEFT, as run_sft does
+    assert linear_ce is not None
+    lm = language_model(fused)
+    assert lm.layers[0].mlp._get_name() == "LigerSwiGLUMLP" and lm.norm._get_name() == "LigerRMSNorm"
+    if setting == "lora-bf16":
+        fused = _lora(fused)
+    loss, n, grads = _loss_and_grads(fused, batch, setting, linear_ce)
+
+    assert n == ref_n > 0
+    torch.testing.assert_close(loss, ref_loss, rtol=LOSS_RTOL[setting], atol=1e-3)
+    assert grads.keys() == ref_grads.keys() and grads
+    if setting != "lora-bf16":
+        assert any("embed_tokens" in k or "lm_head" in k for k in grads)  # the tied head's gradient came through the kernel
+    worst = max(grads, key=lambda k: _rel(grads[k], ref_grads[k]))
+    print(f"{setting}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst gradient {worst} rel. error {_rel(grads[worst], ref_grads[worst]):.2e}")
+    assert _rel(grads[worst], ref_grads[worst]) < GRAD_REL[setting], worst
+
+
+def test_compiled_layers_match_eager_on_the_gpu(tiny_model_dir, batch):
+    eager = _model(tiny_model_dir, "fp32")
+    compiled = copy.deepcopy(eager)
+    compile_decoder_layers(compiled)  # inductor: Triton kernels
+    ref_loss, _, ref_grads = _loss_and_grads(eager, batch, "full-autocast-bf16")
+    loss, _, grads = _loss_and_grads(compiled, batch, "full-autocast-bf16")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-3)
+    assert grads.keys() == ref_grads.keys()
+    assert max(_rel(grads[k], ref_grads[k]) for k in grads) < 3e-2
