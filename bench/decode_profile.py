@@ -42,10 +42,74 @@ def cuda_ms(fn, repeat: int = 20) -> float:
     return round(statistics.median(times), 3)
 
 
+def step_times(model, kv, n: int, *, eager: bool) -> dict:
+    """Median ms of one decode step at batch 1/8/64 (context n): replayed graph (with sampling's host sync),
+    the replay alone, and (eager=True) the eager KVBatch step."""
+    import torch
+
+    from internvl_worker.serve.kvbatch import KVBatch
+    from internvl_worker.serve.slots import SlotDecoder, length_bucket
+
+    dec = SlotDecoder(model, slots=64, max_len=1024)
+    for s in range(64):
+        dec.write_prompt(s, kv)
+    out = {}
+    for b in (1, 8, 64):
+        row = {"graph_ms": cuda_ms(lambda: dec.step([0] * b, [n] * b).float().argmax(-1).tolist())}
+        row["graph_replay_only_ms"] = cuda_ms(lambda: dec.graphs[(b, length_bucket(n + 1, 1024))].replay())
+        if eager:
+            batch = KVBatch(torch.device("cuda"))
+            batch.add([object()] * b, [kv] * b)
+            tok = torch.zeros(b, 1, dtype=torch.long, device="cuda")
+            pos = torch.full((b, 1), n, device="cuda")
+
+            def eager_step():
+                model(input_ids=tok, attention_mask=batch.attention_mask(1), position_ids=pos, use_cache=True, logits_to_keep=1, cache=batch.cache())
+                for layer in batch.layers:  # rewind: every timing writes the same column
+                    layer.length -= 1
+
+            row["eager_ms"] = cuda_ms(eager_step)
+        row.update({k.replace("_ms", "_tokens_per_s"): round(b * 1000 / v) for k, v in list(row.items()) if "replay" not in k})
+        out[b] = row
+        print(f"decode step batch {b}:", json.dumps(row), flush=True)
+    del dec
+    torch.cuda.empty_cache()
+    return out
+
+
+def engine_run(sm, prep, *, new_tokens: int, concurrent: int, **engine_kw) -> dict:
+    """The engine in-process: one request alone (tokens/s, time to first token), then `concurrent` at once."""
+    import time
+
+    from internvl_worker.serve.engine import Engine, Handle
+    from internvl_worker.serve.sampling import SamplingParams
+
+    engine = Engine(sm, max_batch_size=concurrent, max_total_tokens=1024, **engine_kw)
+    engine.start()
+    try:
+
+        def go(k: int):
+            hs = [engine.submit(Handle(SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens), None, prep)) for _ in range(k)]
+            total = sum(sum(1 for ev in h.events_sync(timeout=600) if ev[0] == "token") for h in hs)
+            return total, hs[0].t_first - hs[0].t_submit
+
+        go(1)
+        t0 = time.perf_counter()
+        total, first = go(1)
+        bs1 = total / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        total, _ = go(concurrent)
+        conc = total / (time.perf_counter() - t0)
+        return {"bs1_tokens_per_s": round(bs1, 1), "ttft_ms_engine": round(first * 1000, 1), f"tokens_per_s_at_{concurrent}": round(conc), "decode_info": engine.decode_info}
+    finally:
+        engine.shutdown(120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--concurrent", type=int, default=64)
+    ap.add_argument("--compile", action="store_true", help="also the engine with --compile (adds ~2 min of compilation)")
     ap.add_argument("--out_dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     import torch
@@ -53,10 +117,8 @@ def main() -> int:
     from transformers.cache_utils import DynamicCache
 
     from gpu.test_serve_graphs import _served_1b
-    from internvl_worker.serve.engine import Engine, Handle, encode_images
-    from internvl_worker.serve.kvbatch import KVBatch
-    from internvl_worker.serve.sampling import SamplingParams
-    from internvl_worker.serve.slots import SlotDecoder, length_bucket
+    from internvl_worker import speedups
+    from internvl_worker.serve.engine import encode_images
     from serve.test_slots import _prepared
 
     sm = _served_1b()
@@ -67,6 +129,8 @@ def main() -> int:
     prep = _prepared(sm, words, img)
     pixel_values, _ = sm.template.tiler([img])
     rec: dict = {"card": card, "date": date.today().isoformat(), "prompt_tokens": len(prep.input_ids)}
+    run = dict(new_tokens=args.new_tokens, concurrent=args.concurrent)
+    # Order matters: Liger patches the model's modules for good, so everything without it runs first.
     with torch.inference_mode():
         rec["vision_ms"] = cuda_ms(lambda: encode_images(sm, pixel_values))
         ids = torch.tensor([prep.input_ids], device="cuda")
@@ -77,71 +141,21 @@ def main() -> int:
             return cache
 
         rec["prefill_with_vision_ms"] = cuda_ms(prefill, 10)
-        cache = prefill()
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        kv = [(layer.keys, layer.values) for layer in prefill().layers]
         n = ids.shape[1]
-        steps = {}
-        decoders = {}
-        for name, comp in (("graph", False), ("compiled_graph", True)):
-            t0 = time.perf_counter()
-            dec = SlotDecoder(model, slots=64, max_len=1024, compile=comp)
-            for s in range(64):
-                dec.write_prompt(s, kv)
-            dec.step([0], [n])  # compiles (batch 1 apart), captures
-            dec.step([0] * 8, [n] * 8)
-            torch.cuda.synchronize()
-            decoders[name] = dec
-            rec[f"{name}_first_steps_s"] = round(time.perf_counter() - t0, 1)
-        for b in (1, 8, 64):
-            batch = KVBatch(torch.device("cuda"))
-            batch.add([object()] * b, [kv] * b)
-            tok = torch.zeros(b, 1, dtype=torch.long, device="cuda")
-            pos = torch.full((b, 1), n, device="cuda")
-
-            def eager_step():
-                mask = batch.attention_mask(1)
-                model(input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, cache=batch.cache())
-                for layer in batch.layers:  # rewind: every timing writes the same column
-                    layer.length -= 1
-
-            row = {"eager_ms": cuda_ms(eager_step)}
-            for name, dec in decoders.items():
-                row[f"{name}_ms"] = cuda_ms(lambda: dec.step([0] * b, [n] * b).float().argmax(-1).tolist())
-                row[f"{name}_replay_only_ms"] = cuda_ms(lambda: dec.graphs[(b, length_bucket(n + 1, 1024))].replay())
-            row.update({k.replace("_ms", "_tokens_per_s"): round(b * 1000 / v) for k, v in list(row.items()) if "replay" not in k})
-            steps[b] = row
-            print(f"decode step batch {b}:", json.dumps(row), flush=True)
-            del batch
-        del decoders
-        torch.cuda.empty_cache()
-        rec["decode_step"] = steps
-    engines = {}
-    for mode, comp in (("eager", False), ("graphs", False), ("graphs", True)):
-        engine = Engine(sm, max_batch_size=args.concurrent, decode=mode, max_total_tokens=1024, compile=comp)
-        mode = mode + ("+compile" if comp else "")
-        engine.start()
-        try:
-            def go(k: int):
-                hs = [engine.submit(Handle(SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens), None, prep)) for _ in range(k)]
-                firsts, total = [], 0
-                for h in hs:
-                    toks = [ev for ev in h.events_sync(timeout=600) if ev[0] == "token"]
-                    total += len(toks)
-                    firsts.append(h.t_first - h.t_submit)
-                return total, firsts
-
-            go(1)
-            t0 = time.perf_counter()
-            total, firsts = go(1)
-            bs1 = total / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            total, _ = go(args.concurrent)
-            conc = total / (time.perf_counter() - t0)
-            engines[mode] = {"bs1_tokens_per_s": round(bs1, 1), "ttft_ms_engine": round(firsts[0] * 1000, 1), f"tokens_per_s_at_{args.concurrent}": round(conc), "decode_info": engine.decode_info}
-            print(mode, json.dumps(engines[mode]), flush=True)
-        finally:
-            engine.shutdown(120)
-    rec["engine"] = engines
+        rec["decode_step"] = {"torch": step_times(model, kv, n, eager=True)}
+    rec["engine"] = {"eager": engine_run(sm, prep, decode="eager", **run), "graphs": engine_run(sm, prep, decode="graphs", liger=False, **run)}
+    print(json.dumps(rec["engine"]), flush=True)
+    if args.compile:
+        rec["engine"]["graphs+compile"] = engine_run(sm, prep, decode="graphs", liger=False, compile=True, **run)
+    why = speedups.liger_unavailable()
+    if why:
+        rec["liger"] = why
+    else:
+        rec["engine"]["graphs+liger"] = engine_run(sm, prep, decode="graphs", liger=True, **run)
+        with torch.inference_mode():
+            rec["prefill_with_vision_liger_ms"] = cuda_ms(prefill, 10)
+            rec["decode_step"]["liger"] = step_times(model, kv, n, eager=False)
     rec["git_commit"] = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rec["command"] = "python bench/decode_profile.py " + " ".join(sys.argv[1:])
     out = Path(args.out_dir) / f"serve-profile-{card.replace(' ', '-')}-{rec['date']}.json"

@@ -35,33 +35,50 @@ def language_model(model) -> torch.nn.Module:
     return base.model.language_model
 
 
-def setup_liger(model) -> LinearCrossEntropy | None:
-    """Patch the language model with Liger's kernels; return the fused linear cross-entropy to use for the
-    loss, or None (after a warning) where Liger cannot run, as --use_flash_attn falls back to SDPA.
-
-    Call before PEFT wraps the model: Liger rebinds the forward of the existing MLP and norm modules, and
-    LoRA then wraps the Linear layers those forwards call."""
+def liger_unavailable() -> str | None:
+    """Why Liger's kernels cannot run here (None when they can)."""
     if importlib.util.find_spec("liger_kernel") is None:
-        log.warning("--use_liger_kernel true but liger-kernel is not installed (pip install liger-kernel): using the plain PyTorch kernels and loss")
-        return None
+        return "liger-kernel is not installed (pip install liger-kernel)"
     if not torch.cuda.is_available():
-        log.warning("--use_liger_kernel true needs a CUDA GPU (Liger's kernels are Triton): using the plain PyTorch kernels and loss")
-        return None
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        return "Liger's kernels are Triton: it needs a CUDA GPU"
+    return None
+
+
+def apply_liger_kernels(model) -> str | None:
+    """Patch the language model's RMSNorm, SwiGLU MLP and RoPE with Liger's Triton kernels (fewer, fused
+    kernels: faster training steps and decode steps). Returns the LM's model type when patched, None when
+    liger-kernel has no kernels for it. Liger's own loss patches stay off (training computes its own loss;
+    with fused_linear_cross_entropy, its default, Liger would also replace the instance's forward)."""
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     lm = language_model(model)
     kind = lm.config.model_type
     patch = MODEL_TYPE_TO_APPLY_LIGER_FN.get(kind)
     if patch is None:
-        log.warning("liger-kernel has no kernels for a %r language model: only its fused loss is used", kind)
+        return None
+    # Per-architecture functions differ in which switches they take; pass those this one has.
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    accepted = inspect.signature(patch).parameters
+    patch(model=lm, **{k: v for k, v in wanted.items() if k in accepted})
+    return kind
+
+
+def setup_liger(model) -> LinearCrossEntropy | None:
+    """Patch the language model with Liger's kernels; return the fused linear cross-entropy to use for the
+    loss, or None (after a warning) where Liger cannot run, as --use_flash_attn falls back to SDPA.
+
+    Call before PEFT wraps the model: Liger rebinds the forward of the existing MLP and norm modules, and
+    LoRA then wraps the Linear layers those forwards call."""
+    why = liger_unavailable()
+    if why:
+        log.warning("--use_liger_kernel true but %s: using the plain PyTorch kernels and loss", why)
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    kind = apply_liger_kernels(model)
+    if kind is None:
+        log.warning("liger-kernel has no kernels for a %r language model: only its fused loss is used", language_model(model).config.model_type)
     else:
-        # Our loss replaces the LM head's, so Liger's own loss patches stay off: with fused_linear_cross_entropy
-        # (its default) it would also replace the forward of the model instance passed in. Per-architecture
-        # functions differ in which switches they take; pass those this one has.
-        wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
-        accepted = inspect.signature(patch).parameters
-        patch(model=lm, **{k: v for k, v in wanted.items() if k in accepted})
         log.info("Liger kernels applied to the %s language model", kind)
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 

@@ -81,6 +81,7 @@ class ServeConfig:
     decode: str = "auto"  # auto | graphs | static | eager (engine.py: Engine._make_slots)
     kv_cache_fraction: float = 0.5  # of the GPU memory free after loading, for the decode slots' KV cache
     compile: bool = False  # torch.compile the slot decode step before capturing its graphs
+    use_liger_kernel: bool | None = None  # None: Liger's kernels on the slot path when installed
 
     def validate(self) -> None:
         problems = []
@@ -170,6 +171,7 @@ class Server:
             self.engine = Engine(
                 self.sm, max_batch_size=self.cfg.max_batch_size, metrics=self.metrics, max_total_tokens=self.limits.max_total_tokens,
                 decode=self.cfg.decode, kv_cache_fraction=self.cfg.kv_cache_fraction, compile=self.cfg.compile,
+                liger=self.cfg.use_liger_kernel,
             )  # fmt: skip
             self.engine.start()
             log.info(json.dumps({"event": "model_loaded", "model": self.sm.name, "adapters": sorted(self.sm.adapters), "seconds": round(time.monotonic() - t0, 2)}))

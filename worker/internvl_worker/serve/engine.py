@@ -250,7 +250,7 @@ PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward (slot
 class Engine:
     """Continuous batching over one model. `submit` is thread-safe; events go out through handles."""
 
-    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5, compile: bool = False):
+    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5, compile: bool = False, liger: bool | None = None):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.sm = sm
@@ -260,6 +260,7 @@ class Engine:
         self.decode = decode
         self.kv_cache_fraction = kv_cache_fraction
         self.compile = compile
+        self.liger = liger  # None: Liger's kernels on the slot path when installed (and on a GPU)
         self.decode_info: dict = {}  # what the engine chose (reported by /info and the startup log)
         self.stop_ids = list(sm.template.stop_token_ids or [])
         if not self.stop_ids and sm.model.generation_config.eos_token_id is not None:
@@ -361,16 +362,31 @@ class Engine:
                     raise EngineError(f"--decode graphs: {reason}; lower --max-total-tokens")
                 self.decode_info = {"decode": "eager", "why": reason}
                 return None
+        kernels = self._liger_kernels()
         t0 = time.monotonic()
         dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile)
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
-            "decode": "graphs" if dec.use_graphs else "static", "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
+            "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
             "kv_cache_gb": round(dec.bytes / 1e9, 2), "graphs": graphs, "capture_s": round(time.monotonic() - t0, 2),
         }  # fmt: skip
         if rows < self.max_batch_size:
             self.decode_info["why"] = f"--max-batch-size {self.max_batch_size} lowered to {rows}: the KV slots that fit in {self.kv_cache_fraction:.0%} of free GPU memory"
         return dec
+
+    def _liger_kernels(self) -> str:
+        """Liger's fused RMSNorm/SwiGLU/RoPE in the language model: a decode step is launch-bound (~45 small
+        kernels a layer at batch 1), and these make ~20 of them. "liger" when applied, else "torch"."""
+        from .. import speedups
+
+        if self.liger is False:
+            return "torch"
+        why = speedups.liger_unavailable()
+        if why is None and speedups.apply_liger_kernels(self.sm.model) is not None:
+            return "liger"
+        if self.liger:
+            log.warning("--use_liger_kernel true but %s: decoding with the plain PyTorch kernels", why or "liger-kernel has no kernels for this language model")
+        return "torch"
 
     # -- the loop
 
