@@ -112,8 +112,11 @@ def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setti
     assert _rel(grads[worst], ref_grads[worst]) < GRAD_REL[setting], worst
 
 
-def test_compiled_layers_match_eager_on_the_gpu(tiny_model_dir, batch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_match_eager_on_the_gpu(tiny_model_dir, batch, checkpointing):
     eager = _model(tiny_model_dir, "fp32")
+    if checkpointing:
+        eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = copy.deepcopy(eager)
     compile_decoder_layers(compiled)  # inductor: Triton kernels
     ref_loss, _, ref_grads = _loss_and_grads(eager, batch, "full-autocast-bf16")

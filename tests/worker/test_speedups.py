@@ -62,9 +62,9 @@ def test_sft_with_liger_flag_but_no_liger_trains_on_the_plain_path(tiny_model_di
 
 @pytest.mark.slow
 def test_compiled_decoder_layers_match_eager_with_one_graph(tiny, tmp_path):
-    """One graph for both layers and two sequence lengths (dynamic shapes, no recompiles), parameter names
-    unchanged (checkpoints load as before), and the eager model's loss and gradients. aot_eager traces what
-    inductor would compile, without the minutes of C++ code generation on a CPU."""
+    """One graph for both layers and two sequence lengths (dynamic shapes, no recompiles), with gradient
+    checkpointing on; parameter names unchanged (checkpoints load as before); the eager model's loss and
+    gradients. aot_eager traces what inductor would compile, without the minutes of C++ code generation."""
     from torch._dynamo.utils import counters
     from PIL import Image
 
@@ -88,6 +88,8 @@ def test_compiled_decoder_layers_match_eager_with_one_graph(tiny, tmp_path):
     assert all(not b["attention_mask"].all() for b in batches)
 
     eager = copy.deepcopy(tiny.model).train().requires_grad_(True)
+    # sft's default: each layer's forward runs inside torch.utils.checkpoint, which dynamo traces as one op
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = copy.deepcopy(eager)
     names = list(compiled.state_dict())
     torch._dynamo.reset()
