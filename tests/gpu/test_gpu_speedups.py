@@ -80,10 +80,13 @@ def restore_qwen2(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setting, restore_qwen2):
+def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setting, checkpointing, restore_qwen2):
     pytest.importorskip("liger_kernel")
     plain = _model(tiny_model_dir, setting)
+    if checkpointing:  # sft's default: the layers (Liger's kernels included) run again in backward
+        plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fused = copy.deepcopy(plain)
     if setting == "lora-bf16":
         plain = _lora(plain)
@@ -108,7 +111,7 @@ def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setti
     if setting != "lora-bf16":
         assert any("embed_tokens" in k or "lm_head" in k for k in grads)  # the tied head's gradient came through the kernel
     worst = max(grads, key=lambda k: _rel(grads[k], ref_grads[k]))
-    print(f"{setting}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst gradient {worst} rel. error {_rel(grads[worst], ref_grads[worst]):.2e}")
+    print(f"{setting}, checkpointing {checkpointing}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst gradient {worst} rel. error {_rel(grads[worst], ref_grads[worst]):.2e}")
     assert _rel(grads[worst], ref_grads[worst]) < GRAD_REL[setting], worst
 
 
