@@ -340,6 +340,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/train-bench", help="work folder: the random model (kept), data, run logs")
     ap.add_argument("--only", default="", help="comma-separated config names (default: all)")
     ap.add_argument("--results_dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--what", default="speed", help="names the result file train-<what>-<card>-<date>.json, so two runs of a day do not overwrite each other (default: speed)")
     ap.add_argument("--list", action="store_true", help="print the config names and what each runs, then exit")
     args = ap.parse_args()
     if args.list:
@@ -439,7 +440,7 @@ def write_record(args, results: dict, stats: dict, peak: float, shape: dict) -> 
         "ratios": ratios,
     }
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(args.results_dir) / f"train-speed-{card.replace(' ', '-')}-{record['date']}.json"
+    path = Path(args.results_dir) / f"train-{args.what}-{card.replace(' ', '-')}-{record['date']}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(ratios), "written", path, flush=True)
 

@@ -86,7 +86,7 @@ def test_throughput_is_time_weighted(bench):
 
 
 def test_record_has_on_off_and_naive_ratios(bench, tmp_path):
-    args = type("Args", (), {"steps": 10, "warmup": 3, "results_dir": str(tmp_path)})()
+    args = type("Args", (), {"steps": 10, "warmup": 3, "results_dir": str(tmp_path), "what": "speed"})()
     results = {
         "naive-lora": {"samples_per_s": 4.0, "real_tokens_per_s": 10000.0},
         "ours-lora-b8-gc": {"samples_per_s": 8.0, "real_tokens_per_s": 22000.0},
