@@ -379,18 +379,12 @@ def build_app(server: Server) -> Starlette:
 
     async def events_within_timeout(handle: Handle, collector: Collector):
         """generate_events under one deadline for the whole stream: asyncio.TimeoutError when it passes."""
-        deadline = time.monotonic() + cfg.request_timeout
-        agen = generate_events(handle, collector)
-        while True:
-            try:
-                item = await asyncio.wait_for(agen.__anext__(), max(0.0, deadline - time.monotonic()))
-            except StopAsyncIteration:
-                return
+        async for item in generate_events(handle, collector, deadline=time.monotonic() + cfg.request_timeout):
             yield item
 
-    async def generate_events(handle: Handle, collector: Collector):
+    async def generate_events(handle: Handle, collector: Collector, deadline: float | None = None):
         """Yields (token dict | None, finished Generated | None) until the request ends."""
-        async for ev in handle.events():
+        async for ev in handle.events(deadline):
             if ev[0] == "token":
                 tok = collector.token(ev[1], ev[2])
                 if collector.finish_reason:  # a stop sequence: tell the engine, end here
@@ -692,6 +686,9 @@ def run(cfg: ServeConfig) -> int:
     import uvicorn
 
     setup_logging()
+    # The engine thread and the event loop share the GIL; Python's default 5 ms switch interval would let
+    # one make the other wait up to 5 ms per hand-over (a decode step takes ~2 ms).
+    sys.setswitchinterval(0.0005)
     server = Server(cfg)
     app = build_app(server)
     exit_code = {"code": 0}

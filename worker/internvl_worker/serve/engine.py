@@ -203,14 +203,33 @@ class Handle:
         """Stop generating at the next step boundary (client gone, stop sequence seen, timeout)."""
         self.cancelled.set()
 
-    async def events(self):
+    async def events(self, deadline: float | None = None):
         """Yields ("token", id, logprob, finish_reason | None), then stops; or one ("done", reason) /
         ("error", message). A token and the "done" after it arrive in one delivery, so the last token
-        carries its finish reason (TGI sends the last token and the final text in one event)."""
+        carries its finish reason (TGI sends the last token and the final text in one event).
+
+        `deadline` (time.monotonic()): asyncio.TimeoutError once it passes. One timer for the whole
+        request, not an `asyncio.wait_for` (a new task) per token: with 64 streams that per-token cost
+        was most of the event loop's time."""
+        timer = None
+        if deadline is not None and self.loop is not None:
+            timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self.queue.put_nowait, ("timeout",))
+        try:
+            async for ev in self._events():
+                yield ev
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _events(self):
+        import asyncio
+
         ahead = None
         while True:
             ev = ahead if ahead is not None else await self.queue.get()
             ahead = None
+            if ev[0] == "timeout":
+                raise asyncio.TimeoutError
             if ev[0] != "token":
                 yield ev
                 return

@@ -114,4 +114,22 @@ def next_tokens(logits, states: list[RowState], stop_ids: list[int]) -> tuple[li
         tok = torch.multinomial(warped.exp(), 1, generator=states[i].generator(logits.device))[0]
         tokens[i] = tok
         chosen[i] = warped[tok]
-    return tokens.tolist(), chosen.tolist()
+    return to_host(tokens, chosen)
+
+
+def to_host(tokens, chosen) -> tuple[list[int], list[float]]:
+    """The step's tokens and log-probabilities as Python lists. On a GPU the wait for them happens with the
+    GIL released (CUDA event synchronize): `.tolist()` on a CUDA tensor would hold it for the whole step,
+    and the HTTP event loop, which streams every token, could not run while the GPU computes."""
+    import torch
+
+    if tokens.device.type != "cuda":
+        return tokens.tolist(), chosen.tolist()
+    host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host_chosen = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+    host_tokens.copy_(tokens, non_blocking=True)
+    host_chosen.copy_(chosen, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host_tokens.tolist(), host_chosen.tolist()
