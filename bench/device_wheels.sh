@@ -7,13 +7,13 @@
 #   python3 -m pip install -q --no-deps .carry/wheels/*.whl
 #
 # .carry/msswift holds ms-swift 4.6.0 (the second training baseline) and what it imports for `swift sft` on
-# an InternVL model that the image lacks. It lives apart because ms-swift declares transformers<5.20 and
-# peft<0.21: it runs on the image's transformers 5.17, with peft 0.20 (its pin) and its packages installed
-# into their own folder, never together with .carry/wheels:
+# an InternVL model that the image lacks. ms-swift declares transformers<5.20 and peft<0.21, so it brings
+# its own transformers 5.17 (the image's version; 5.17 refuses huggingface_hub 2.x at import, hence hub
+# 1.33) and peft 0.20, installed into a folder of their own that only its process puts first on PYTHONPATH
+# (bench/msswift_baseline.py --swift_site); the system keeps .carry/wheels' transformers 5.24 for ours:
 #   python3 -m pip install -q --no-deps --target /tmp/swift-site .carry/msswift/*.whl
-#   PYTHONPATH=/tmp/swift-site:$PWD/worker python3 bench/msswift_baseline.py
-# The list is what a CPU run of `swift sft` (LoRA, InternVL-HF layout) imported, less the image's packages
-# (device README's package list): cryptography is imported unconditionally by modelscope_hub.
+# The rest of the list is what a CPU run of `swift sft` (LoRA and full, InternVL-HF layout) imported, less
+# the image's packages (device README's package list); modelscope_hub imports cryptography unconditionally.
 # Pip skips files already downloaded, so the script can be rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,8 @@ mkdir -p "$swift"
 # multiprocess publishes one pure-Python wheel per Python version: ask for 3.12's.
 $PIP download -q --no-deps --python-version 3.12 --only-binary=:all: -d "$swift" ms-swift==4.6.0 modelscope==1.40.2 \
     modelscope-hub==0.5.1 datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 trl==0.29.1 json-repair==0.64.6 \
-    peft==0.20.0 pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 pycparser==3.12
+    peft==0.20.0 pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 pycparser==3.12 \
+    transformers==5.17.0 huggingface_hub==1.33.0
 $PIP download -q --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 -d "$swift" pydantic-core==2.50.5 cryptography==50.0.2 cffi==2.1.1
 ls -la "$out" "$swift"
