@@ -367,7 +367,7 @@ def run_phase(name: str, args, prep_path: Path, *, label: str | None = None, npr
     if nproc == 1:
         return json.loads(part.read_text())
     ranks = [json.loads(Path(f"{part}.rank{r}").read_text()) for r in range(nproc)]
-    merged = ranks[0] | {k: max(r[k] for r in ranks) for k in ("peak_mem_gb", "peak_reserved_gb")}
+    merged = ranks[0] | {k: max((r[k] for r in ranks if r[k] is not None), default=None) for k in ("peak_mem_gb", "peak_reserved_gb")}
     return merged | {"gpus": nproc, "peak_mem_gb_per_rank": [r["peak_mem_gb"] for r in ranks]}
 
 
