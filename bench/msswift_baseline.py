@@ -70,12 +70,15 @@ def write_processor_config(model_dir: Path) -> None:
 
 
 def swift_argv(model_dir: Path, data: Path, out: Path, *, full: bool, steps: int, on_gpu: bool) -> list[str]:
+    # --check_model false: otherwise the trainer asks the ModelScope hub whether the local model is current,
+    # retrying for seconds where there is no network (the GPU machines have none).
     argv = ["--model", str(model_dir), "--model_type", "internvl", "--template", "internvl_hf", "--dataset", str(data),
             "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", str(BATCH),
             "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", "--max_length", "8192",
             "--torch_dtype", "bfloat16" if on_gpu else "float32", "--attn_impl", "sdpa", "--split_dataset_ratio", "0",
             "--logging_steps", "1", "--save_steps", "100000", "--report_to", "none", "--warmup_ratio", "0", "--seed", "0",
-            "--dataloader_num_workers", "6" if on_gpu else "0", "--freeze_vit", "true"]  # fmt: skip
+            "--dataloader_num_workers", "6" if on_gpu else "0", "--freeze_vit", "true",
+            "--check_model", "false"]  # fmt: skip
     if full:
         return argv + ["--tuner_type", "full", "--freeze_aligner", "false", "--learning_rate", "1e-5"]
     return argv + ["--tuner_type", "lora", "--target_modules", "all-linear", "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0", "--learning_rate", "1e-4"]
