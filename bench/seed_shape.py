@@ -438,6 +438,8 @@ def write_record(args, params: dict, prep: dict, estimate: dict, results: dict) 
     ratios = {}
     naive = results.get("naive-lora-gc", {})
     for name, r in ours.items():
+        if r.get("peak_mem_gb"):  # against the seed's published A100 numbers (not measured here)
+            ratios[f"{name}_peak_mem_vs_seed"] = round(r["peak_mem_gb"] / SEED_PUBLISHED_GB["inference" if name == "infer" else "lora"], 3)
         if name == "infer" or "error" in r:
             continue
         if r.get("step_s") and naive.get("step_s"):
