@@ -22,7 +22,9 @@ def plain(tiny_model_dir):
     return load_served_model(model_id_or_path=str(tiny_model_dir), dtype="fp32", device_map={"": "cpu"})
 
 
-def _prepared(sm, query: str, image=None) -> Prepared:
+def _prepared(sm, query: str, image=None, *, features: bool = True) -> Prepared:
+    """A request as prepare.py leaves it: image features computed, or (features=False) the pixels for the
+    engine to encode."""
     from internvl_worker.infer import build_conversation
     from internvl_worker.serve.engine import encode_images
 
@@ -31,7 +33,10 @@ def _prepared(sm, query: str, image=None) -> Prepared:
     enc = t.encode(build_conversation(query, [], [image] if image is not None else [], None), tiles, check_length=False)
     p = Prepared(input_ids=enc.input_ids, image_tokens=enc.image_tokens, tiles=tiles)
     if pixel_values is not None:
-        p.image_features = encode_images(sm, pixel_values)
+        if features:
+            p.image_features = encode_images(sm, pixel_values)
+        else:
+            p.pixel_values = pixel_values
     return p
 
 
@@ -47,7 +52,9 @@ def _run(engine: Engine, jobs) -> list[list[int]]:
 def test_slot_engine_equals_reference_while_rows_join_and_leave(plain):
     red, green = Image.new("RGB", (64, 48), (250, 10, 10)), Image.new("RGB", (40, 70), (10, 240, 10))
     words = "red green blue cat dog road city poem left right".split()
-    jobs = [(_prepared(plain, f"What is the {w}?", [red, green, None][i % 3]), 3 + (i * 5) % 11) for i, w in enumerate(words)]
+    # every other image request leaves its pixels for the engine (batched vision tower on the slot path)
+    jobs = [(_prepared(plain, f"What is the {w}?", [red, green, None][i % 3], features=i % 2 == 0), 3 + (i * 5) % 11) for i, w in enumerate(words)]
+    assert any(p.pixel_values is not None for p, _ in jobs)
     eager = Engine(plain, max_batch_size=4, decode="eager", max_total_tokens=512)
     static = Engine(plain, max_batch_size=4, decode="static", max_total_tokens=512)
     for e in (eager, static):
@@ -62,6 +69,7 @@ def test_slot_engine_equals_reference_while_rows_join_and_leave(plain):
     assert eager.decode_info["decode"] == "eager"
     assert got == want
     assert [len(t) for t in got] == [n for _, n in jobs]
+    assert all(p.pixel_values is None and (p.image_features is not None) == (p.tiles != []) for p, _ in jobs)  # encoded in the engine
     # and the slots equal plain `generate` up to its first stop token: spot-check two rows
     tok = plain.template.tokenizer
     stops = set(plain.template.stop_token_ids or [])
