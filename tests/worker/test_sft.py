@@ -227,3 +227,31 @@ def test_lora_targets_respect_freeze_vit(tiny):
         import copy
 
         prepare_trainable(copy.deepcopy(model), SftArguments(lora_target_modules="nope"), get_model_spec("internvl-tiny"))
+
+
+@pytest.mark.parametrize("sft_type", ["lora", "full"])
+def test_checkpointing_keeps_the_frozen_vision_tower_out_of_backward(tiny, sft_type):
+    """With --freeze_vit and gradient checkpointing, the ViT's output needs no gradient (no checkpoints, no
+    backward through it), while the trained weights still get theirs."""
+    import copy
+
+    from internvl_worker.infer import prepare_inputs
+    from internvl_worker.registry import get_model_spec
+    from internvl_worker.templates import Conversation
+    from internvl_worker.train import enable_checkpointing, prepare_trainable
+    from PIL import Image
+
+    model, _, _ = prepare_trainable(copy.deepcopy(tiny.model), SftArguments(sft_type=sft_type, freeze_vit=True), get_model_spec("internvl-tiny"))
+    enable_checkpointing(model)
+    model.train()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen = []
+    base.model.vision_tower.register_forward_hook(lambda m, i, out: seen.append(out.last_hidden_state.requires_grad))
+    conv = Conversation(turns=[("What color?", None)], images=[Image.new("RGB", (64, 48), (200, 30, 30))])
+    inputs = prepare_inputs(base, tiny.template, conv)
+    out = model(**inputs)
+    out.logits.float().logsumexp(-1).mean().backward()
+    assert seen == [False]
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and not any("vision_tower" in n for n in trained)
+    assert all(p.grad is not None for p in trained.values()), [n for n, p in trained.items() if p.grad is None]
