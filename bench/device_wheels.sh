@@ -23,7 +23,7 @@ mkdir -p "$out"
 $PIP download -q --no-deps -d "$out" transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 \
     httpx2==2.16.2 httpcore2==2.16.2 truststore hjson pydantic==2.14.4 annotated-types==0.8.0 \
     typing-inspection==0.4.5 starlette uvicorn sniffio liger-kernel==0.8.5
-$PIP download -q --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 -d "$out" pydantic-core==2.50.5
+$PIP download -q --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d "$out" pydantic-core==2.50.5 uvloop==0.23.0 httptools==0.9.0
 if ! ls "$out"/deepspeed-*.whl >/dev/null 2>&1; then
     DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w "$out" deepspeed
 fi

@@ -435,12 +435,21 @@ def build_app(server: Server) -> Starlette:
 
         async def stream():
             index = 0
+            held: list[bytes] = []
             try:
                 async for tok, final in events_within_timeout(handle, collector):
                     index += 1
                     if final is None:
-                        yield sse(tgi_stream_event(index, tok))
+                        # Tokens that are already queued go out in one write: when the loop falls behind
+                        # (dozens of streams), fewer, larger writes let it catch up.
+                        held.append(sse(tgi_stream_event(index, tok)))
+                        if handle.queue.empty():
+                            yield b"".join(held)
+                            held.clear()
                         continue
+                    if held:
+                        yield b"".join(held)
+                        held.clear()
                     if tok is None:  # finished without a new token (cancelled): repeat the last one
                         tok = tgi_token(collector.ids[-1], collector.texts[-1], collector.logprobs[-1], False) if collector.ids else tgi_token(0, "", None, True)
                     note(request, generated_tokens=len(final.token_ids), finish_reason=final.finish_reason)
@@ -448,10 +457,10 @@ def build_app(server: Server) -> Starlette:
                     return
             except asyncio.TimeoutError:
                 server.metrics.errors.labels("timeout").inc()
-                yield sse(tgi_error(f"request timed out after {cfg.request_timeout:g}s", "timeout"))
+                yield b"".join(held) + sse(tgi_error(f"request timed out after {cfg.request_timeout:g}s", "timeout"))
             except ServeError as e:
                 server.metrics.errors.labels(e.error_type).inc()
-                yield sse(tgi_error(e.message, e.error_type))
+                yield b"".join(held) + sse(tgi_error(e.message, e.error_type))
             finally:
                 handle.cancel()  # no-op when finished; stops the row when the client went away
                 server.end()
