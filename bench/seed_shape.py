@@ -16,7 +16,7 @@ Phases, each in its own process so that one's peak memory (or out-of-memory) can
   infer               bf16 inference: one 13-tile image (12 tiles + thumbnail) + a short prompt, 8 new tokens
   naive-lora-gc       transformers' Trainer + PEFT, gradient checkpointing on, the model's own loss
   ours-lora-gc        `run_sft` (internvl sft defaults: LoRA on the LLM's q/k/v, ViT frozen, checkpointing)
-  ours-lora-gc-vit-nograd            what-if: the frozen ViT run under no_grad (not in train.py yet)
+  ours-lora-gc-vit-nograd            what-if: the frozen ViT run under no_grad (train.py does so since b5d7c83)
   ours-lora-gc-vit-nograd-offload    what-if: + checkpointed activations held in host memory (transformers'
                                      `offload=True`; not in train.py yet)
 Training rows: one 12-tile image (+ thumbnail) and text up to --max_length (4096) tokens, batch 1.
