@@ -29,10 +29,14 @@ def plain_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, targe
     return torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets, reduction="sum")
 
 
+def unwrap_peft(model) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def language_model(model) -> torch.nn.Module:
     """The decoder-only LM inside an InternVL model (through a PEFT wrapper if there is one)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.language_model
+    return unwrap_peft(model).model.language_model
 
 
 def liger_unavailable() -> str | None:

@@ -31,7 +31,7 @@ from .images import load_image
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, compile_decoder_layers, plain_linear_cross_entropy, setup_liger
+from .speedups import LinearCrossEntropy, compile_decoder_layers, plain_linear_cross_entropy, setup_liger, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -382,8 +382,7 @@ def make_trainer_class():
             return (loss, outputs) if return_outputs else loss
 
         def _blank_image_features(self, model):
-            inner = self.accelerator.unwrap_model(model)
-            base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+            base = unwrap_peft(self.accelerator.unwrap_model(model))
             size = base.config.vision_config.image_size
             size = size[0] if isinstance(size, (list, tuple)) else size
             param = next(base.model.vision_tower.parameters())
@@ -507,8 +506,7 @@ def enable_checkpointing(model) -> None:
     than the 0.5B LM's whole step; 3.8 GB at the seed's 25B shape with 13 tiles). Non-reentrant checkpoints
     need no grad-requiring inputs, so that hook is removed again when the ViT has nothing to train."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    vision = base.model.vision_tower
+    vision = unwrap_peft(model).model.vision_tower
     if any(p.requires_grad for p in vision.parameters()):
         return
     for module in vision.modules():

@@ -303,15 +303,14 @@ class Engine:
 
     # -- public
 
-    def start(self, wait: bool = True) -> None:
-        """Start the engine thread; by default return once it has chosen its decode path (and captured
-        its CUDA graphs), so the first request does not wait for that."""
+    def start(self) -> None:
+        """Start the engine thread; return once it has chosen its decode path (and captured its CUDA
+        graphs), so the first request does not wait for that."""
         self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
         self._thread.start()
-        if wait:
-            self._started.wait()
-            if self.decode == "graphs" and self.start_error:
-                raise EngineError(f"--decode graphs: {self.start_error}")
+        self._started.wait()
+        if self.decode == "graphs" and self.start_error:
+            raise EngineError(f"--decode graphs: {self.start_error}")
 
     def submit(self, handle: Handle) -> Handle:
         with self._cv:
@@ -359,6 +358,8 @@ class Engine:
 
         mode, sm = self.decode, self.sm
         cuda = sm.device.type == "cuda"
+        rows = self.max_batch_size
+        per_token = slots.kv_bytes_per_token(sm.model.config.text_config, sm.model.dtype.itemsize)
         reason = None
         if mode == "eager":
             reason = "--decode eager"
@@ -366,22 +367,19 @@ class Engine:
             reason = "LoRA adapters are served (per-row adapters run eagerly)"
         elif mode in ("auto", "graphs") and not cuda:
             reason = "no CUDA device"
+        elif cuda:
+            free, _ = torch.cuda.mem_get_info(sm.device)
+            rows = slots.plan_slots(wanted=rows, max_len=self.max_total_tokens, bytes_per_token=per_token, free_bytes=free, fraction=self.kv_cache_fraction)
+            if rows < 1:
+                reason = (
+                    f"one slot of {self.max_total_tokens} tokens ({per_token * self.max_total_tokens / 1e9:.1f} GB) does not fit in "
+                    f"{self.kv_cache_fraction:.0%} of the free {free / 1e9:.1f} GB; lower --max-total-tokens"
+                )  # fmt: skip
         if reason:
             if mode == "graphs":
                 raise EngineError(f"--decode graphs: {reason}")
             self.decode_info = {"decode": "eager", "why": reason}
             return None
-        rows = self.max_batch_size
-        per_token = slots.kv_bytes_per_token(sm.model.config.text_config, sm.model.dtype.itemsize)
-        if cuda:
-            free, _ = torch.cuda.mem_get_info(sm.device)
-            rows = slots.plan_slots(wanted=rows, max_len=self.max_total_tokens, bytes_per_token=per_token, free_bytes=free, fraction=self.kv_cache_fraction)
-            if rows < 1:
-                reason = f"one slot of {self.max_total_tokens} tokens ({per_token * self.max_total_tokens / 1e9:.1f} GB) does not fit in {self.kv_cache_fraction:.0%} of the free {free / 1e9:.1f} GB"
-                if mode == "graphs":
-                    raise EngineError(f"--decode graphs: {reason}; lower --max-total-tokens")
-                self.decode_info = {"decode": "eager", "why": reason}
-                return None
         kernels = self._liger_kernels()
         sm.vision_in_engine = True  # _encode_images_together: one vision forward for all newcomers
         t0 = time.monotonic()

@@ -22,10 +22,6 @@ against the reference path token for token.
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_LENGTH_BUCKET = 256
 
@@ -125,11 +121,11 @@ class SlotDecoder:
         self.layers = [_SlotLayer(torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(n_layers)]
         self.cache = _SlotCache(self.layers)
         # Static inputs and output: graphs read and write these addresses.
-        self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # Static inputs, one (tokens, positions) buffer so a step's inputs arrive in one copy.
+        self._inputs = torch.zeros(2, slots, dtype=torch.long, device=self.device)
+        self.ids, self.pos = self._inputs[0], self._inputs[1]
         self.rows = torch.arange(slots, device=self.device)
         self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._staged = torch.zeros(2, slots, dtype=torch.long, device=self.device)
         self.columns = torch.arange(max_len, device=self.device)
         self.logits = torch.empty(slots, self.head.weight.shape[0], dtype=self.dtype, device=self.device)
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
@@ -182,15 +178,14 @@ class SlotDecoder:
             raise ValueError(f"{n} rows for {self.slots} slots")
         b = batch_bucket(n, self.slots)
         length = length_bucket(max(positions) + 1, self.max_len)
-        # One host->device copy of (tokens, positions), through a pinned buffer allocated once. Padding
-        # rows get token 0 at position 0.
+        # One host->device copy of (tokens, positions), from a pinned buffer allocated once (the engine
+        # reads each step's results before the next, so the buffer is free again). Padding rows get
+        # token 0 at position 0.
         host = self._host[:, :b]
         host.zero_()
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(positions)
-        self._staged[:, :b].copy_(host, non_blocking=True)
-        self.ids[:b].copy_(self._staged[0, :b])
-        self.pos[:b].copy_(self._staged[1, :b])
+        self._inputs[:, :b].copy_(host, non_blocking=True)
         if not self.use_graphs:
             self._run(b, length)
         else:
@@ -249,8 +244,7 @@ class SlotDecoder:
         for b in sorted({batch_bucket(x, self.slots) for x in BATCH_BUCKETS if x <= top} | {top}):
             for length in length_buckets(self.max_len):
                 if (b, length) not in self.graphs:
-                    self.ids[:b].zero_()
-                    self.pos[:b].zero_()
+                    self._inputs[:, :b].zero_()
                     self.graphs[(b, length)] = self._capture(b, length)
         torch.cuda.synchronize(self.device)
         return len(self.graphs)
