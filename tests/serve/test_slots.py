@@ -66,6 +66,7 @@ def test_slot_engine_equals_reference_while_rows_join_and_leave(plain):
         eager.shutdown(30)
         static.shutdown(30)
     assert static.decode_info["decode"] == "static" and static.decode_info["slots"] == 4
+    assert static.decode_info["layers"] == "fused"  # the tiny Qwen2 LM takes the fused layers
     assert eager.decode_info["decode"] == "eager"
     assert got == want
     assert [len(t) for t in got] == [n for _, n in jobs]

@@ -386,9 +386,12 @@ class Engine:
         dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile)
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
-            "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
+            "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "layers": "fused" if dec.fused is not None else "transformers",
+            "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
             "kv_cache_gb": round(dec.bytes / 1e9, 2), "graphs": graphs, "capture_s": round(time.monotonic() - t0, 2),
         }  # fmt: skip
+        if dec.fused is None:
+            self.decode_info["layers_why"] = dec.fused_why
         if rows < self.max_batch_size:
             self.decode_info["why"] = f"--max-batch-size {self.max_batch_size} lowered to {rows}: the KV slots that fit in {self.kv_cache_fraction:.0%} of free GPU memory"
         return dec

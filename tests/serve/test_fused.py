@@ -1,0 +1,111 @@
+"""The fused decode layers (serve/fused.py): the same logits as the model's own forward, for each covered
+architecture, without storing any weight twice; and a clear reason where they cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl_worker.serve import fused, slots
+
+
+def _internvl(text_config):
+    """A tiny InternVL around the given language-model config (random weights, fp32, CPU)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    vision = InternVLVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=4)
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(InternVLConfig(vision_config=vision, text_config=text_config, image_token_id=5, image_seq_length=16)).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def _text_config(arch: str, **over):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, initializer_range=0.3, max_position_embeddings=1024)
+    if arch == "qwen2":  # q/k/v biases
+        return Qwen2Config(**common, **over)
+    if arch == "qwen3":  # q/k norms, head_dim apart from hidden/heads
+        return Qwen3Config(**common, head_dim=16, **over)
+    if arch == "llama-bias":  # attention and MLP biases, including o_proj and down_proj
+        return LlamaConfig(**common, attention_bias=True, mlp_bias=True, **over)
+    return LlamaConfig(**common, **over)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "llama-bias"])
+def test_fused_step_equals_the_model_forward(arch):
+    """Two rows of different lengths, three steps, then a compaction: each step's logits equal a no-cache
+    forward of the model, and the fused path is the one that ran."""
+    from transformers.cache_utils import DynamicCache
+
+    model = _internvl(_text_config(arch))
+    lm = model.model.language_model
+    dec = slots.SlotDecoder(model, slots=3, max_len=300, use_graphs=False)
+    assert dec.fused is not None, dec.fused_why
+    # the modules' weights are views into the fused tensors: nothing is stored twice
+    first = dec.fused.layers[0]
+    attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == first.qkv_w.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == first.gate_up_w.untyped_storage().data_ptr()
+    prompts = [[5, 9, 13, 2, 7, 30, 31], [8, 3, 22]]
+    seqs = [list(p) for p in prompts]
+    for slot, p in enumerate(prompts):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([p]), use_cache=True, cache=cache)
+        dec.write_prompt(slot, [(layer.keys, layer.values) for layer in cache.layers])
+    with torch.inference_mode():
+        for step in range(3):
+            nxt = [17 + step, 40 + step]
+            logits = dec.step(nxt, [len(s) for s in seqs]).clone()
+            for i, t in enumerate(nxt):
+                seqs[i].append(t)
+                ref = model(input_ids=torch.tensor([seqs[i]])).logits[0, -1]
+                torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+        dec.compact([1], used_columns=len(seqs[1]))
+        logits = dec.step([99], [len(seqs[1])]).clone()
+        seqs[1].append(99)
+        ref = model(input_ids=torch.tensor([seqs[1]])).logits[0, -1]
+        torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_and_transformers_layers_agree_on_the_same_slots():
+    """The same decoder state through both step paths (fused=False is transformers' layers)."""
+    model = _internvl(_text_config("qwen2"))
+    a = slots.SlotDecoder(model, slots=4, max_len=256, use_graphs=False)
+    b = slots.SlotDecoder(model, slots=4, max_len=256, use_graphs=False, fused=False)
+    assert a.fused is not None and b.fused is None and b.fused_why == "turned off"
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        for dec in (a, b):  # same random prompt caches in both
+            for layer_a, layer_b in zip(a.layers, b.layers):
+                layer_b.keys.copy_(layer_a.keys.normal_()) if dec is a else None
+                layer_b.values.copy_(layer_a.values.normal_()) if dec is a else None
+        tokens, positions = [3, 50, 7], [10, 0, 33]
+        torch.testing.assert_close(a.step(tokens, positions).clone(), b.step(tokens, positions).clone(), rtol=1e-4, atol=1e-4)
+        for layer_a, layer_b in zip(a.layers, b.layers):  # and both wrote the same new keys/values
+            torch.testing.assert_close(layer_a.keys, layer_b.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer_a.values, layer_b.values, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_language_models_say_why():
+    sliding = _internvl(_text_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1))
+    why = fused.unsupported(sliding.model.language_model)
+    assert why is not None and "sliding_attention" in why
+    dec = slots.SlotDecoder(sliding, slots=2, max_len=256, use_graphs=False)
+    assert dec.fused is None and dec.fused_why == why  # it decodes through transformers' layers instead
+
+    gelu = _internvl(_text_config("llama", hidden_act="gelu"))
+    assert "activation 'gelu'" in fused.unsupported(gelu.model.language_model)
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(_internvl(_text_config("qwen2")), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "not plain nn.Linear" in fused.unsupported(lora.get_base_model().model.language_model)
+    with pytest.raises(ValueError, match="fused decode layers: layer 0: projections are not plain nn.Linear"):
+        fused.FusedLayers(lora.get_base_model().model.language_model)

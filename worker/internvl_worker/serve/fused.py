@@ -1,0 +1,146 @@
+"""The decode step's decoder layers with fewer kernels, on the language model's own weights.
+
+A decode step is launch-bound: at batch 1 the 0.5B LM of InternVL3-1B reads its weights in 0.3 ms, while
+transformers' layers launch ~20 kernels each with Liger's kernels (~40 without), about 2 ms a step as a CUDA
+graph on an H200. Per layer this step launches instead:
+
+    norm | one QKV GEMM (bias in its epilogue) | [q/k norms] | RoPE | key and value writes |
+    one attention call | output projection added into the residual by the GEMM itself (addmm_) |
+    norm | one gate+up GEMM | SiLU | multiply | down projection added into the residual (addmm_)
+
+and no key/value copies: grouped-query attention runs with each KV head's queries as a (kv_heads, group)
+query block against that head's keys, where transformers' SDPA path with a mask repeats the keys and values
+for every query head (at 64 rows and 512 columns that is ~2.8 GB of copies a step for the 1B layout).
+
+The fused QKV and gate/up weights are one tensor each, and the modules' own weights become views into
+them: nothing is stored twice, and prefill (transformers' layers) reads the same memory.
+
+Covered: the Llama family as transformers writes it (Qwen2/2.5, Qwen3 with its q/k norms, Llama, InternLM2
+converted to Llama), on one device. `unsupported(lm)` says why anything else (sliding windows, MoE, dynamic
+RoPE, adapters) runs transformers' layers instead. Norms and RoPE are called through the model's own modules
+and module functions, so Liger's kernels are used here when they were applied to the model.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rotary_fn"}
+_MLP = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+_LAYER = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def _rope_type(cfg) -> str:
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return str(rope.get("rope_type", rope.get("type", "default"))) if isinstance(rope, dict) else "default"
+
+
+def unsupported(lm) -> str | None:
+    """Why the fused step cannot run this language model (None when it can)."""
+    cfg = lm.config
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        return f"activation {cfg.hidden_act!r} (the fused MLP is SiLU-gated)"
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)} (only full attention is fused)"
+    if "dynamic" in _rope_type(cfg):
+        return f"RoPE type {_rope_type(cfg)!r} (its scaling depends on the length: not graph-safe)"
+    if not hasattr(lm, "rotary_emb") or not hasattr(lm, "embed_tokens") or not hasattr(lm, "norm"):
+        return f"{type(lm).__name__} lacks embed_tokens/rotary_emb/norm"
+    device = lm.embed_tokens.weight.device
+    if any(p.device != device for p in lm.parameters()):
+        return "the language model is split over devices"
+    for i, layer in enumerate(lm.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            return f"layer {i} has no self_attn/mlp"
+        extra = ({n for n, _ in layer.named_children()} - _LAYER) | ({n for n, _ in attn.named_children()} - _ATTN) | ({n for n, _ in mlp.named_children()} - _MLP)
+        if extra:
+            return f"layer {i} has {sorted(extra)} (not a Llama-family layer)"
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(type(m) is nn.Linear for m in linears):  # noqa: E721 - a LoRA-wrapped Linear is a subclass or another module
+            return f"layer {i}: projections are not plain nn.Linear (adapters?)"
+    return None
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum of out features, in) weight (and bias) for several Linears; each Linear's weight becomes a
+    view into it, so the memory is not doubled."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.weight = nn.Parameter(weight[start:end], requires_grad=False)
+        if m.bias is not None:
+            m.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return weight, bias
+
+
+class _Layer:
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.qkv_w, self.qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up_w, self.gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.o_w, self.o_b = attn.o_proj.weight, attn.o_proj.bias
+        self.down_w, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
+        self.scale = attn.scaling
+        # transformers' (or Liger's, once applied) RoPE function of this architecture, looked up at call time
+        self.module = sys.modules[type(attn).__module__]
+
+
+class FusedLayers:
+    """The decode step over fixed KV slots (see slots.py) with the layers above."""
+
+    def __init__(self, lm):
+        why = unsupported(lm)
+        if why:
+            raise ValueError(f"fused decode layers: {why}")
+        cfg = lm.config
+        self.lm = lm
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.inter = lm.layers[0].mlp.gate_proj.out_features
+        with torch.inference_mode(False), torch.no_grad():
+            self.layers = [_Layer(layer) for layer in lm.layers]
+
+    def forward(self, ids, pos, bias, slots: list, rows, length: int):
+        """ids, pos: (b,) tokens and positions; bias: (b, 1, 1, length) additive mask (0 or -inf);
+        slots: per layer (keys, values) buffers (slots, kv_heads, max_len, head_dim); rows: arange(b).
+        Returns the final-normed hidden states (b, hidden)."""
+        b, nq, nkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        qw, kw = nq * hd, nkv * hd
+        h = self.lm.embed_tokens(ids)
+        cos, sin = self.lm.rotary_emb(h, pos[:, None])  # (b, 1, head_dim)
+        for layer, (keys, values) in zip(self.layers, slots):
+            x = layer.norm1(h)
+            qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w.t()) if layer.qkv_b is not None else torch.mm(x, layer.qkv_w.t())
+            q, k, v = qkv[:, :qw].view(b, nq, hd), qkv[:, qw : qw + kw].view(b, nkv, hd), qkv[:, qw + kw :].view(b, nkv, hd)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            q, k = layer.module.apply_rotary_pos_emb(q[:, :, None], k[:, :, None], cos, sin)  # (b, heads, 1, hd)
+            keys[:b][rows, :, pos] = k[:, :, 0]
+            values[:b][rows, :, pos] = v
+            # Each KV head's `group` query heads as the query rows of one attention: no repeated keys.
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.reshape(b, nkv, nq // nkv, hd), keys[:b, :, :length], values[:b, :, :length], attn_mask=bias, scale=layer.scale
+            )
+            h.addmm_(out.reshape(b, qw), layer.o_w.t())  # h += attention @ W_o^T, the residual in the GEMM
+            if layer.o_b is not None:
+                h += layer.o_b
+            x = layer.norm2(h)
+            gate_up = torch.addmm(layer.gate_up_b, x, layer.gate_up_w.t()) if layer.gate_up_b is not None else torch.mm(x, layer.gate_up_w.t())
+            act = torch.nn.functional.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+            h.addmm_(act, layer.down_w.t())
+            if layer.down_b is not None:
+                h += layer.down_b
+        return self.lm.norm(h)
