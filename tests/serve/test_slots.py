@@ -140,3 +140,28 @@ def test_decode_modes(plain, served_model):
     adapters.start()
     adapters.shutdown(10)
     assert adapters.decode_info["decode"] == "eager" and "LoRA adapters" in adapters.decode_info["why"]
+
+
+def test_greedy_choice_in_the_step_equals_next_tokens(plain):
+    """The step's own greedy pick (token and log-probability, stop tokens masked for rows under
+    min_new_tokens) equals sampling.next_tokens on the same logits."""
+    from internvl_worker.serve.sampling import RowState, next_tokens
+
+    model = plain.model
+    probe = slots.SlotDecoder(model, slots=2, max_len=256, use_graphs=False)
+    with torch.inference_mode():
+        top = probe.step([11, 12], [0, 0]).argmax(-1).tolist()
+    stops = [top[0], 3]  # row 0's favourite is a stop token: masked while row 0 is early
+    dec = slots.SlotDecoder(model, slots=2, max_len=256, use_graphs=False, stop_ids=stops)
+    states = [RowState(SamplingParams(min_new_tokens=5), []), RowState(SamplingParams(), [])]
+    with torch.inference_mode():
+        logits = dec.step([11, 12], [0, 0], early=[True, False])
+        flushed = []
+        tokens, logprobs = dec.greedy(2, while_waiting=lambda: flushed.append(1))
+        want_tokens, want_logprobs = next_tokens(logits.clone(), states, stops)
+    assert flushed == [1]
+    assert tokens == want_tokens and tokens[0] != top[0] and tokens[1] == top[1]
+    assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
+    with torch.inference_mode():  # not early any more: the stop token may win
+        dec.step([11, 12], [0, 0], early=[False, False])
+        assert dec.greedy(2)[0] == top

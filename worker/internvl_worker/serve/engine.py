@@ -383,7 +383,7 @@ class Engine:
         kernels = self._liger_kernels()
         sm.vision_in_engine = True  # _encode_images_together: one vision forward for all newcomers
         t0 = time.monotonic()
-        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile)
+        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile, stop_ids=self.stop_ids)
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
             "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "layers": "fused" if dec.fused is not None else "transformers",
@@ -439,15 +439,18 @@ class Engine:
                     room = min(self.max_batch_size, capacity) - len(self._batch)
                     admit, self._waiting = self._waiting[:room], self._waiting[room:]
                 try:
-                    self._admit(admit)
+                    if admit:
+                        self._flush()  # the last step's tokens go out before a prefill, not after it
+                        self._admit(admit)
                     if len(self._batch):
-                        self._step()
+                        self._step()  # hands the previous step's events to the loop while the GPU works
                 except Exception as e:  # e.g. CUDA out of memory: fail the batch, keep serving
                     log.exception("decode step failed; failing %d running request(s)", len(self._batch))
                     for row in self._batch.rows:
                         self._emit(row.handle, ("error", f"generation failed: {type(e).__name__}: {e}"))
                     self._batch = self._new_batch()
-                self._flush()
+                if not len(self._batch) or self._waiting:
+                    self._flush()  # no step follows at once: nothing would carry these events out
                 self._gauges()
 
     def _gauges(self) -> None:
@@ -620,8 +623,13 @@ class Engine:
         if not len(batch):
             return
         rows = batch.rows
+        picked = None
         if isinstance(batch, SlotBatch):
-            logits = batch.decoder.step([r.last for r in rows], [r.pos for r in rows])
+            early = [len(r.state.generated) < r.state.params.min_new_tokens for r in rows]
+            logits = batch.decoder.step([r.last for r in rows], [r.pos for r in rows], early)
+            if not any(r.state.params.needs_row_processing for r in rows):
+                # all greedy: the step chose the tokens itself; only they come back to the host
+                picked = batch.decoder.greedy(len(rows), while_waiting=self._flush)
         else:
             ids = torch.tensor([[r.last] for r in rows], device=device)
             pos = torch.tensor([[r.pos] for r in rows], device=device)
@@ -635,11 +643,13 @@ class Engine:
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(rows))
-        self._accept(rows, logits)
+        # The previous step's events go to the event loop once this step is queued on the GPU: the loop
+        # streams them while the GPU computes, and the next launch does not wait behind the loop for the GIL.
+        self._accept(rows, logits, while_waiting=self._flush, picked=picked)
         batch.keep([i for i, r in enumerate(rows) if not r.done])
 
-    def _accept(self, rows: list[_Row], logits) -> None:
-        tokens, logprobs = next_tokens(logits, [r.state for r in rows], self.stop_ids)
+    def _accept(self, rows: list[_Row], logits, while_waiting=None, picked=None) -> None:
+        tokens, logprobs = picked if picked is not None else next_tokens(logits, [r.state for r in rows], self.stop_ids, while_waiting)
         now = time.monotonic()
         for r, tok, lp in zip(rows, tokens, logprobs):
             r.state.generated.append(tok)

@@ -89,8 +89,9 @@ def _warp(row, p: SamplingParams):
     return row.log_softmax(-1)
 
 
-def next_tokens(logits, states: list[RowState], stop_ids: list[int]) -> tuple[list[int], list[float]]:
-    """logits: (rows, vocab) for the last position of each row -> (token per row, its log-probability)."""
+def next_tokens(logits, states: list[RowState], stop_ids: list[int], while_waiting=None) -> tuple[list[int], list[float]]:
+    """logits: (rows, vocab) for the last position of each row -> (token per row, its log-probability).
+    `while_waiting()` runs once the work is queued on the GPU, before the wait for its results."""
     import torch
 
     logits = logits.float()
@@ -114,16 +115,20 @@ def next_tokens(logits, states: list[RowState], stop_ids: list[int]) -> tuple[li
         tok = torch.multinomial(warped.exp(), 1, generator=states[i].generator(logits.device))[0]
         tokens[i] = tok
         chosen[i] = warped[tok]
-    return to_host(tokens, chosen)
+    return to_host(tokens, chosen, while_waiting)
 
 
-def to_host(tokens, chosen) -> tuple[list[int], list[float]]:
+def to_host(tokens, chosen, while_waiting=None) -> tuple[list[int], list[float]]:
     """The step's tokens and log-probabilities as Python lists. On a GPU the wait for them happens with the
     GIL released (CUDA event synchronize): `.tolist()` on a CUDA tensor would hold it for the whole step,
-    and the HTTP event loop, which streams every token, could not run while the GPU computes."""
+    and the HTTP event loop, which streams every token, could not run while the GPU computes.
+    `while_waiting()` runs after the copies are queued and before the wait (the engine hands the previous
+    step's tokens to the event loop there, so the loop streams them while the GPU computes this step)."""
     import torch
 
     if tokens.device.type != "cuda":
+        if while_waiting is not None:
+            while_waiting()
         return tokens.tolist(), chosen.tolist()
     host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
     host_chosen = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
@@ -131,5 +136,7 @@ def to_host(tokens, chosen) -> tuple[list[int], list[float]]:
     host_chosen.copy_(chosen, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
+    if while_waiting is not None:
+        while_waiting()
     done.synchronize()
     return host_tokens.tolist(), host_chosen.tolist()

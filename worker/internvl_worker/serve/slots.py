@@ -108,7 +108,7 @@ class _SlotCache:
 class SlotDecoder:
     """Fixed KV buffers for `slots` requests of up to `max_len` tokens, and the decode step over them."""
 
-    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None, compile: bool = False, fused: bool = True):
+    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None, compile: bool = False, fused: bool = True, stop_ids: list[int] | None = None):
         import torch
 
         from . import fused as fused_layers
@@ -126,10 +126,17 @@ class SlotDecoder:
         self.cache = _SlotCache(self.layers)
         # Static inputs and output: graphs read and write these addresses.
         # Static inputs, one (tokens, positions) buffer so a step's inputs arrive in one copy.
-        self._inputs = torch.zeros(2, slots, dtype=torch.long, device=self.device)
-        self.ids, self.pos = self._inputs[0], self._inputs[1]
+        # Rows: token, position, and 1 while the row is under min_new_tokens (its stop tokens are masked).
+        self._inputs = torch.zeros(3, slots, dtype=torch.long, device=self.device)
+        self.ids, self.pos, self.early = self._inputs[0], self._inputs[1], self._inputs[2]
         self.rows = torch.arange(slots, device=self.device)
-        self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        pinned = self.device.type == "cuda"
+        self._host = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
+        # The greedy choice is made inside the step (graph) too: (token, its log-probability) per row, as
+        # float64 (token ids are exact) so that one copy brings both back.
+        self.stop_ids = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=self.device)
+        self._picked = torch.zeros(2, slots, dtype=torch.float64, device=self.device)
+        self._picked_host = torch.zeros(2, slots, dtype=torch.float64, pin_memory=pinned)
         self.columns = torch.arange(max_len, device=self.device)
         self.logits = torch.empty(slots, self.head.weight.shape[0], dtype=self.dtype, device=self.device)
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
@@ -176,9 +183,10 @@ class SlotDecoder:
 
     # -- the step
 
-    def step(self, tokens: list[int], positions: list[int]):
-        """One decode step for rows 0..n-1 (row i feeds tokens[i] at positions[i]); returns (n, vocab) logits.
-        The returned tensor is a view of a static buffer: read it before the next step."""
+    def step(self, tokens: list[int], positions: list[int], early: list[bool] | None = None):
+        """One decode step for rows 0..n-1 (row i feeds tokens[i] at positions[i]; early[i]: its stop tokens
+        are masked in the greedy choice); returns (n, vocab) logits. The returned tensor is a view of a static
+        buffer: read it, or `greedy()`, before the next step."""
         import torch
 
         n = len(tokens)
@@ -193,6 +201,8 @@ class SlotDecoder:
         host.zero_()
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(positions)
+        if early is not None and any(early):
+            host[2, :n] = torch.tensor(early)
         self._inputs[:, :b].copy_(host, non_blocking=True)
         if not self.use_graphs:
             self._run(b, length)
@@ -227,6 +237,33 @@ class SlotDecoder:
             torch.matmul(hidden, self.head.weight.t(), out=self.logits[:b])
         else:
             self.logits[:b] = self.head(hidden)
+        # Greedy choice, as sampling.next_tokens makes it for greedy rows: stop tokens masked for early rows,
+        # argmax, and its log-probability.
+        scores = self.logits[:b].float()
+        if self.stop_ids.numel():
+            masked = torch.where(self.early[:b, None] > 0, float("-inf"), 0.0).expand(b, self.stop_ids.numel())
+            scores.index_add_(1, self.stop_ids, masked)
+        token = scores.argmax(-1)
+        self._picked[0, :b] = token
+        self._picked[1, :b] = scores.gather(1, token[:, None])[:, 0] - scores.logsumexp(-1)
+
+    def greedy(self, n: int, while_waiting=None) -> tuple[list[int], list[float]]:
+        """The last step's greedy (token, log-probability) for rows 0..n-1, as Python lists. The wait for them
+        releases the GIL (a CUDA event); `while_waiting()` runs before it (see sampling.to_host)."""
+        import torch
+
+        host = self._picked_host[:, :n]
+        host.copy_(self._picked[:, :n], non_blocking=True)
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            if while_waiting is not None:
+                while_waiting()
+            done.synchronize()
+        elif while_waiting is not None:
+            while_waiting()
+        tokens, logprobs = host.tolist()
+        return [int(t) for t in tokens], logprobs
 
     def _capture(self, b: int, length: int):
         """Record one step for this (batch, length) bucket. The warm-up runs compute this very step (same
