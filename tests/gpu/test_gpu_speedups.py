@@ -1,6 +1,11 @@
 """GPU: --use_liger_kernel and --torch_compile give the plain path's loss and gradients on the tiny model,
 in the three numeric settings `internvl sft` runs (fp32; full fine-tuning's fp32 weights under bf16 autocast;
-LoRA on a bf16 base under bf16 autocast)."""
+LoRA on a bf16 base under bf16 autocast), and --offload_activations holds what the forward saves in pinned
+host memory without changing the loss or a gradient.
+
+In bf16 Liger and plain PyTorch round differently, so neither is the reference there: both are compared with
+the same model in fp32 (bf16 weights upcast exactly, no autocast, no TF32), and Liger passes when its error is
+within BF16_ERROR_FACTOR of plain bf16's own (bf16 noise, not a kernel fault)."""
 
 import copy
 
@@ -14,9 +19,11 @@ from internvl_worker.train import SftDataset, answer_loss_sum, collate
 pytestmark = pytest.mark.gpu
 
 SETTINGS = ["fp32", "full-autocast-bf16", "lora-bf16"]
-# Relative error allowed: fp32 differs only in summation order; bf16 rounds differently inside the kernels.
-LOSS_RTOL = {"fp32": 1e-4, "full-autocast-bf16": 1e-2, "lora-bf16": 1e-2}
-GRAD_REL = {"fp32": 1e-3, "full-autocast-bf16": 3e-2, "lora-bf16": 3e-2}
+# fp32: Liger against plain directly (they differ only in summation order).
+FP32_LOSS_RTOL, FP32_GRAD_REL = 1e-4, 1e-3
+# bf16: Liger's error against the fp32 reference may be this many times plain bf16's error against it, plus a
+# floor for errors that are both tiny; and never more than BF16_GRAD_CAP (a kernel fault is far beyond that).
+BF16_ERROR_FACTOR, BF16_FLOOR, BF16_GRAD_CAP = 1.5, 1e-3, 0.2
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +101,11 @@ def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setti
         for model in (plain, fused):  # as sft's full fine-tuning: the ViT frozen
             for name, p in model.named_parameters():
                 p.requires_grad_("vision_tower" not in name)
-    # The plain model runs first: Liger's RoPE patch would also reach it.
+    # The plain model and the fp32 reference run first: Liger's RoPE patch would also reach them.
     ref_loss, ref_n, ref_grads = _loss_and_grads(plain, batch, setting)
+    if setting != "fp32":
+        # The same weights (bf16 base upcast exactly, the same adapters) in fp32, without autocast.
+        exact_loss, _, exact_grads = _loss_and_grads(copy.deepcopy(plain).float(), batch, "fp32")
 
     linear_ce = setup_liger(fused)  # patches before PEFT, as run_sft does
     assert linear_ce is not None
@@ -106,13 +116,66 @@ def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setti
     loss, n, grads = _loss_and_grads(fused, batch, setting, linear_ce)
 
     assert n == ref_n > 0
-    torch.testing.assert_close(loss, ref_loss, rtol=LOSS_RTOL[setting], atol=1e-3)
     assert grads.keys() == ref_grads.keys() and grads
+    assert all(g.isfinite().all() for g in grads.values())
     if setting != "lora-bf16":
         assert any("embed_tokens" in k or "lm_head" in k for k in grads)  # the tied head's gradient came through the kernel
-    worst = max(grads, key=lambda k: _rel(grads[k], ref_grads[k]))
-    print(f"{setting}, checkpointing {checkpointing}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst gradient {worst} rel. error {_rel(grads[worst], ref_grads[worst]):.2e}")
-    assert _rel(grads[worst], ref_grads[worst]) < GRAD_REL[setting], worst
+    if setting == "fp32":
+        worst = max(grads, key=lambda k: _rel(grads[k], ref_grads[k]))
+        print(f"{setting}, checkpointing {checkpointing}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst gradient {worst} rel. error {_rel(grads[worst], ref_grads[worst]):.2e}")
+        torch.testing.assert_close(loss, ref_loss, rtol=FP32_LOSS_RTOL, atol=1e-3)
+        assert _rel(grads[worst], ref_grads[worst]) < FP32_GRAD_REL, worst
+        return
+    assert exact_grads.keys() == grads.keys()
+    loss_err = {"liger": abs(float(loss - exact_loss)) / abs(float(exact_loss)), "plain": abs(float(ref_loss - exact_loss)) / abs(float(exact_loss))}
+    grad_err = {who: {k: _rel(g[k], exact_grads[k]) for k in grads} for who, g in (("liger", grads), ("plain", ref_grads))}
+    worst = {who: max(errs.values()) for who, errs in grad_err.items()}
+    worst_key = max(grads, key=lambda k: grad_err["liger"][k])
+    print(f"{setting}, checkpointing {checkpointing}: vs fp32 (loss {float(exact_loss):.5f}): loss rel. error liger {loss_err['liger']:.2e}, plain bf16 {loss_err['plain']:.2e}; "
+          f"worst gradient rel. error liger {worst['liger']:.2e} ({worst_key}), plain bf16 {worst['plain']:.2e}; "
+          f"median liger {sorted(grad_err['liger'].values())[len(grads) // 2]:.2e}, plain {sorted(grad_err['plain'].values())[len(grads) // 2]:.2e}")  # fmt: skip
+    assert loss_err["liger"] <= BF16_ERROR_FACTOR * loss_err["plain"] + BF16_FLOOR, loss_err
+    assert worst["liger"] <= BF16_ERROR_FACTOR * worst["plain"] + BF16_FLOOR, (worst, worst_key)
+    assert worst["liger"] < BF16_GRAD_CAP, worst
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offloaded_activations_live_in_pinned_host_memory(tiny_model_dir, batch, compiled):
+    """--offload_activations on the GPU, with sft's checkpointing (and with compiled layers): every tensor the
+    forward saved outside the weights went to pinned host memory, and the loss and gradients are unchanged."""
+    from internvl_worker.speedups import OffloadActivations
+
+    plain = _model(tiny_model_dir, "fp32")
+    for name, p in plain.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offloaded = copy.deepcopy(plain)
+    if compiled:
+        compile_decoder_layers(plain)
+        compile_decoder_layers(offloaded)
+    ref_loss, _, ref_grads = _loss_and_grads(plain, batch, "full-autocast-bf16")
+    hosts = []
+
+    class Recording(OffloadActivations):
+        def _pack(self, t):
+            packed = super()._pack(t)
+            if isinstance(packed, tuple):
+                hosts.append((packed[0], packed[1].device.type, packed[1].is_pinned()))
+            return packed
+
+    offloaded.zero_grad(set_to_none=True)
+    hooks = Recording(offloaded)
+    with torch.autocast("cuda", dtype=torch.bfloat16), hooks:
+        loss, _, _ = answer_loss_sum(offloaded, batch)
+    loss.backward()
+    grads = {k: p.grad.float() for k, p in offloaded.named_parameters() if p.grad is not None}
+    print(f"offload, compiled {compiled}: {hooks.moved} tensors ({hooks.moved_bytes / 1e6:.2f} MB) to host, {hooks.kept} weights kept; loss {float(loss):.5f} vs {float(ref_loss):.5f}; "
+          f"worst gradient rel. error {max(_rel(grads[k], ref_grads[k]) for k in grads):.2e}")  # fmt: skip
+    assert hooks.moved > 0 and hooks.kept > 0
+    assert {(d.type, host, pinned) for d, host, pinned in hosts} == {("cuda", "cpu", True)}
+    torch.testing.assert_close(loss.detach().float(), ref_loss, rtol=1e-3, atol=1e-3)
+    assert grads.keys() == ref_grads.keys()
+    assert max(_rel(grads[k], ref_grads[k]) for k in grads) < 1e-2
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

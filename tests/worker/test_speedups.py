@@ -1,6 +1,7 @@
 """Opt-in training speed-ups on the CPU: --use_liger_kernel falls back with a warning where Liger cannot run
-(its loss path is checked in test_loss_packing.py, its kernels in tests/gpu), and --torch_compile compiles
-each decoder layer once for every layer and every length, with the eager model's loss and gradients."""
+(its loss path is checked in test_loss_packing.py, its kernels in tests/gpu), --torch_compile compiles
+each decoder layer once for every layer and every length, with the eager model's loss and gradients, and
+--offload_activations moves what autograd saves into host buffers without changing a loss or a gradient."""
 
 import copy
 import importlib.machinery
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from internvl_worker import speedups
+from internvl_worker import train as train_module
 from internvl_worker.cli import build_parser
 from internvl_worker.sft_args import SftArguments, from_namespace
 from internvl_worker.speedups import compile_decoder_layers, setup_liger
@@ -110,3 +112,126 @@ def test_compiled_decoder_layers_match_eager_with_one_graph(tiny, tmp_path):
             torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert speedups.language_model(compiled).layers[0]._compiled_call_impl is not None
+
+
+# ------------------------------------------------------------------------------ --offload_activations
+
+
+def test_offload_flag_parses_defaults_off_and_refuses_zero3(tmp_path):
+    parse = lambda *extra: from_namespace(build_parser().parse_args(["sft", "--dataset", "d.jsonl", "--model_type", "internvl3-1b", *extra]))  # noqa: E731
+    assert parse().offload_activations is False
+    assert parse("--offload_activations", "true").offload_activations is True
+    assert "--offload_activations" in build_parser()._subparsers._group_actions[0].choices["sft"].format_help()
+    assert parse("--offload_activations", "true", "--deepspeed", "default-zero2").validate() == []
+    assert parse("--deepspeed", "default-zero3").validate() == []  # ZeRO-3 alone is fine
+    zero3_json = tmp_path / "ds.json"
+    zero3_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for ds in ("default-zero3", str(zero3_json)):
+        problems = parse("--offload_activations", "true", "--deepspeed", ds).validate()
+        assert len(problems) == 1 and "--offload_activations" in problems[0] and "ZeRO-3" in problems[0] and ds in problems[0], problems
+
+
+@pytest.fixture(scope="module")
+def offload_batch(tiny, tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("offload")
+    Image.new("RGB", (60, 20), (10, 200, 10)).save(folder / "g.png")
+
+    class Row:
+        def __init__(self, conv):
+            self.conversation = conv
+
+    rows = [
+        Conversation(turns=[("What color?", "green and some more words")], images=[str(folder / "g.png")]),
+        Conversation(turns=[("Say something longer, please.", "one two three four five six")]),
+    ]
+    ds = SftDataset([Row(c) for c in rows], tiny.template, [0, 0])
+    return collate([ds[0], ds[1]], tiny.template.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("sft_type", ["lora", "full"])
+def test_offloaded_saved_tensors_give_the_same_loss_and_gradients(tiny, offload_batch, checkpointing, sft_type):
+    """The offload hooks move what autograd saves (and only that: weights stay) to host buffers of their own and
+    bring it back for backward; the loss and every gradient are exactly those of the plain forward."""
+    from internvl_worker.speedups import OffloadActivations
+
+    plain = copy.deepcopy(tiny.model).train()
+    if sft_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        plain.requires_grad_(False)
+        torch.manual_seed(0)
+        plain = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj)$", lora_dropout=0.0))
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:  # B starts at 0: give A a gradient too
+                torch.nn.init.normal_(p, std=0.02)
+    else:
+        for name, p in plain.named_parameters():
+            p.requires_grad_("vision_tower" not in name)
+    if checkpointing:
+        train_module.enable_checkpointing(plain)
+    offloaded = copy.deepcopy(plain)
+    weights = {p.untyped_storage().data_ptr() for p in offloaded.parameters()}
+
+    packed = []
+
+    class Recording(OffloadActivations):  # sees what each saved tensor became
+        def _pack(self, t):
+            packed.append(super()._pack(t))
+            return packed[-1]
+
+    hooks = Recording(offloaded)
+    results = []
+    for model, context in ((plain, None), (offloaded, hooks)):
+        model.zero_grad(set_to_none=True)
+        if context is None:
+            loss, n, _ = answer_loss_sum(model, offload_batch)
+        else:
+            with context:
+                loss, n, _ = answer_loss_sum(model, offload_batch)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (ref_loss, ref_grads), (loss, grads) = results
+
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys() and grads
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=0, atol=0, msg=k)
+    moved = [p[1] for p in packed if isinstance(p, tuple)]
+    assert hooks.moved == len(moved) > 0 and hooks.moved_bytes == sum(t.numel() * t.element_size() for t in moved) > 0
+    assert {t.device.type for t in moved} == {"cpu"} == hooks.host_devices  # saved tensors live in host buffers
+    assert not any(t.untyped_storage().data_ptr() in weights for t in moved)  # copies, never a weight
+    assert hooks.kept > 0  # the Linear weights autograd saves stay where they are
+    assert all(p.untyped_storage().data_ptr() in weights for p in packed if isinstance(p, torch.Tensor))
+    if checkpointing:
+        # Only what lies outside the checkpointed layers is saved: each layer's input, the head's input...
+        assert hooks.moved < 40, hooks.moved
+
+
+def test_sft_offload_activations_trains_the_same_curve(tiny_model_dir, tmp_path, monkeypatch):
+    """`internvl sft --offload_activations true` end to end: the hooks wrap each training forward (the
+    progress log shows what they held), and the loss curve equals the plain run's, step for step."""
+    from internvl_worker import speedups as sp
+
+    made = []
+    real = sp.OffloadActivations
+
+    class Counting(real):
+        def __init__(self, model):
+            super().__init__(model)
+            made.append(self)
+
+    monkeypatch.setattr(train_module, "OffloadActivations", Counting)
+    data = color_dataset(tmp_path / "data", 16, seed=5)
+    curves = {}
+    for flag in (False, True):
+        last = run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / f"out-{flag}"), offload_activations=flag, max_steps=3, save_steps=3, logging_steps=1, batch_size=4, gradient_accumulation_steps=1, dataloader_num_workers=0, dataset_test_ratio=0, lora_dropout=0.0))
+        records = [json.loads(line) for line in (last.parent / "logging.jsonl").read_text().splitlines()]
+        progress = [r for r in records if r["event"] == "progress" and "loss" in r]
+        curves[flag] = [r["loss"] for r in progress]
+        assert all(("offloaded_gb" in r) == flag for r in progress)
+        assert json.loads((last / "sft_args.json").read_text())["offload_activations"] is flag
+    assert len(made) == 3 and all(h.moved > 0 for h in made)  # one per training forward, none without the flag
+    assert curves[True] == curves[False]

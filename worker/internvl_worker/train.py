@@ -31,7 +31,7 @@ from .images import load_image
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, compile_decoder_layers, plain_linear_cross_entropy, setup_liger, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, plain_linear_cross_entropy, setup_liger, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,8 @@ def make_trainer_class():
                 record["skipped_steps"] = tr.skipped_steps
                 if torch.cuda.is_available():
                     record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                if tr.last_offload is not None:  # --offload_activations: what the last forward held on the host
+                    record["offloaded_gb"] = round(tr.last_offload.moved_bytes / 1e9, 3)
                 self.t0, self.tokens0, self.step0 = now, tr.tokens_seen, state.global_step
             line = json.dumps(record)
             print(line, flush=True)
@@ -347,9 +349,10 @@ def make_trainer_class():
                 self.bar.close()
 
     class InternVLTrainer(Trainer):
-        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, group_by_length: bool = False, packing: bool = False, linear_ce: LinearCrossEntropy | None = None, **kw):
+        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, group_by_length: bool = False, packing: bool = False, linear_ce: LinearCrossEntropy | None = None, offload_activations: bool = False, **kw):
             super().__init__(*a, **kw)
             self.group_by_length, self.packing, self.linear_ce = group_by_length, packing, linear_ce
+            self.offload_activations, self.last_offload = offload_activations, None
             self.run_dir, self.save_extras, self.keep_checkpoints = run_dir, save_extras, keep_checkpoints
             self.max_nonfinite_steps = max_nonfinite_steps
             self.tokens_seen = 0
@@ -366,6 +369,14 @@ def make_trainer_class():
             """Cross-entropy on the answer tokens only (answer_loss_sum), normalised as transformers does."""
             mask = inputs.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            if self.offload_activations and model.training and torch.is_grad_enabled():
+                # The forward only: backward (Trainer.training_step, after this returns) copies them back.
+                self.last_offload = OffloadActivations(model)
+                with self.last_offload:
+                    return self._loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _loss(self, model, inputs, return_outputs, num_items_in_batch):
             loss, n_targets, outputs = answer_loss_sum(model, inputs, self.linear_ce)
             if num_items_in_batch is not None:
                 # Normalised by the answer tokens of the whole accumulated (and, across GPUs, global) batch,
@@ -577,6 +588,8 @@ def run_sft(args: SftArguments) -> Path:
         enable_checkpointing(model)
     if args.torch_compile:
         log.info("torch.compile: %d decoder layers (compiled on their first batch)", compile_decoder_layers(model))
+    if args.offload_activations and not args.gradient_checkpointing:
+        log.warning("--offload_activations true without gradient checkpointing copies every activation to the host and back: a much slower step")
 
     sft_args = args.to_json() | {
         "model_type": spec.model_type,
@@ -654,6 +667,7 @@ def run_sft(args: SftArguments) -> Path:
         group_by_length=args.group_by_length,
         packing=args.packing,
         linear_ce=linear_ce,
+        offload_activations=args.offload_activations,
     )
     if rank == 0:
         print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)
