@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,35 +226,24 @@ def main() -> int:
 
 def write_record(args, results: dict, stats: list[dict]) -> Path:
     """Rewritten after every config, so a run cut short still leaves what it measured."""
-    from train_check import card_name
+    from record import write_record as write_result
 
     ratios = {}
     for kind in ("lora", "full"):
         ours, base = results.get(f"ours-{kind}-b4", {}), results.get(f"msswift-{kind}", {})
         if "samples_per_s" in ours and "samples_per_s" in base:
             ratios[f"ours-{kind}-b4_vs_msswift"] = round(ours["samples_per_s"] / base["samples_per_s"], 3)
-    card = card_name()
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    record = {
-        "card": card,
-        "command": "python bench/msswift_baseline.py " + " ".join(sys.argv[1:]),
-        "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
-        "date": date.today().isoformat(),
-        "config": {
-            "model": f"{args.shape} layout (InternVL-HF), random weights; ms-swift model_type internvl, template internvl_hf",
-            "data": {"rows": len(stats), "mean_tokens": round(mean([r["tokens"] for r in stats])), "mean_tiles": round(mean([r["tiles"] for r in stats]), 2)},
-            "batch_size": BATCH, "steps": args.steps, "warmup_steps_excluded": args.warmup,
-            "lora": "r 8, alpha 32, dropout 0, every LLM linear layer; ViT frozen; no gradient checkpointing",
-            "full": "LLM + projector trained, ViT frozen; ms-swift loads bf16 weights (its default), ours fp32 master weights",
-        },  # fmt: skip
-        "baselines": {k: v for k, v in results.items() if k.startswith("msswift")},
-        "ours": {k: v for k, v in results.items() if k.startswith("ours")},
-        "ratios": ratios,
-    }
+    config = {
+        "model": f"{args.shape} layout (InternVL-HF), random weights; ms-swift model_type internvl, template internvl_hf",
+        "data": {"rows": len(stats), "mean_tokens": round(mean([r["tokens"] for r in stats])), "mean_tiles": round(mean([r["tiles"] for r in stats]), 2)},
+        "batch_size": BATCH, "steps": args.steps, "warmup_steps_excluded": args.warmup,
+        "lora": "r 8, alpha 32, dropout 0, every LLM linear layer; ViT frozen; no gradient checkpointing",
+        "full": "LLM + projector trained, ViT frozen; ms-swift loads bf16 weights (its default), ours fp32 master weights",
+    }  # fmt: skip
     results_dir = Path(args.results_dir or (ROOT / "bench" / "results" if args.shape == "internvl3-1b" else args.out))
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"train-msswift-{card.replace(' ', '-')}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_result(results_dir, "train", "msswift", config=config, baselines={k: v for k, v in results.items() if k.startswith("msswift")},
+                        ours={k: v for k, v in results.items() if k.startswith("ours")}, ratios=ratios)  # fmt: skip
     return path
 
 

@@ -1,6 +1,6 @@
 """The seed's memory table at the seed's shape: InternVL-Chat-V1.5 (25.5B parameters), random bf16 weights.
 
-    python bench/seed_shape.py                     # 1 GPU: inference, naive LoRA, ours (+ two what-ifs), ~4-5 min
+    python bench/seed_shape.py                     # 1 GPU: inference, naive LoRA, ours (+ offload flag, a what-if), ~4-5 min
     python bench/seed_shape.py --zero2             # adds ours under DeepSpeed ZeRO-2 on 2 GPUs (torchrun)
     python bench/seed_shape.py --shape tiny        # the same phases on the CPU with a miniature config (< 1 min)
 
@@ -16,9 +16,9 @@ Phases, each in its own process so that one's peak memory (or out-of-memory) can
   infer               bf16 inference: one 13-tile image (12 tiles + thumbnail) + a short prompt, 8 new tokens
   naive-lora-gc       transformers' Trainer + PEFT, gradient checkpointing on, the model's own loss
   ours-lora-gc        `run_sft` (internvl sft defaults: LoRA on the LLM's q/k/v, ViT frozen, checkpointing)
-  ours-lora-gc-vit-nograd            what-if: the frozen ViT run under no_grad (train.py does so since b5d7c83)
-  ours-lora-gc-vit-nograd-offload    what-if: + checkpointed activations held in host memory (transformers'
-                                     `offload=True`; not in train.py yet)
+  ours-lora-gc-vit-nograd   what-if: the frozen ViT run under no_grad (train.py does so since b5d7c83)
+  ours-lora-gc-offload      `run_sft` with --offload_activations true (train.py's own flag: what autograd saves
+                            in the forward, each decoder layer's input, held in pinned host memory)
 Training rows: one 12-tile image (+ thumbnail) and text up to --max_length (4096) tokens, batch 1.
 
 Reported: peak memory (torch.cuda.max_memory_allocated and max_memory_reserved, 1e9 bytes), seconds per
@@ -33,7 +33,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +59,12 @@ SHAPES = {
 }
 GRID = (4, 3)  # 4 x 3 tiles: a 4:3 image picks exactly this grid at 12 tiles max; + thumbnail = 13
 PHASES = {
-    # name: (kind, what-if patches)
-    "infer": ("infer", ()),
-    "naive-lora-gc": ("naive", ()),
-    "ours-lora-gc": ("ours", ()),
-    "ours-lora-gc-vit-nograd": ("ours", ("vit_nograd",)),
-    "ours-lora-gc-vit-nograd-offload": ("ours", ("vit_nograd", "offload")),
+    # name: (kind, what-if patches, `internvl sft` arguments over its defaults)
+    "infer": ("infer", (), {}),
+    "naive-lora-gc": ("naive", (), {}),
+    "ours-lora-gc": ("ours", (), {}),
+    "ours-lora-gc-vit-nograd": ("ours", ("vit_nograd",), {}),
+    "ours-lora-gc-offload": ("ours", (), {"offload_activations": True}),
 }
 
 
@@ -143,7 +142,7 @@ def estimated_seconds(params: dict, *, tokens: int, tiles: int, phases: list[str
     llm = 2 * params["llm"] * tokens
     total = 0.0
     for name in phases:
-        kind, patches = PHASES[name]
+        kind, patches, _ = PHASES[name]
         step = (llm * 3 + vit * (1 if "vit_nograd" in patches else 3)) / (tflops * 1e12)
         total += 25 + (vit + llm) / (tflops * 1e12) + (0 if kind == "infer" else 6 * step)
     return total
@@ -226,11 +225,6 @@ def load_in_memory(model_dir: str, patches: tuple = ()):
             tower = model.model.vision_tower
             forward = tower.forward
             tower.forward = lambda *a, **kw: torch.no_grad()(forward)(*a, **kw)
-        if "offload" in patches and torch.cuda.is_available():  # pinned host memory needs CUDA
-            # What-if: run_sft's gradient_checkpointing_enable(...) also passes offload=True (transformers
-            # 5.24 keeps the checkpointed hidden states in pinned host memory).
-            enable = model.gradient_checkpointing_enable
-            model.gradient_checkpointing_enable = lambda gradient_checkpointing_kwargs=None, **kw: enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, offload=True)
         model.eval()
         spec = get_model_spec(model_type or MODEL_TYPE)
         template, tiler = build_template(config, tokenizer, spec, max_length=max_length, max_tiles=max_tiles)
@@ -308,8 +302,8 @@ def run_naive(prep: dict, args) -> dict:
     return {"step_s": round((times[-1] - times[args.warmup - 1]) / (len(times) - args.warmup), 3), "loss_last": round(losses[-1], 4), "trainable_params": trainable, **gpu_peaks()}
 
 
-def run_ours(prep: dict, args, patches: tuple) -> dict:
-    """Our `internvl sft` path (run_sft) on the in-memory model, its defaults but for the step count."""
+def run_ours(prep: dict, args, patches: tuple, flags: dict | None = None, name: str = "ours") -> dict:
+    """Our `internvl sft` path (run_sft) on the in-memory model, its defaults but for the step count and `flags`."""
     from unittest import mock
 
     import torch
@@ -317,16 +311,16 @@ def run_ours(prep: dict, args, patches: tuple) -> dict:
     from internvl_worker import train
     from internvl_worker.sft_args import SftArguments
 
-    out = Path(args.out) / ("ours-" + "-".join(patches or ("plain",)) + (f"-{args.deepspeed}" if args.deepspeed else ""))
+    flags = flags or {}
+    out = Path(args.out) / (name + (f"-{args.deepspeed}" if args.deepspeed else ""))
     sft = SftArguments(model_type=MODEL_TYPE, model_id_or_path=prep["model_dir"], dataset=prep["data"], output_dir=str(out), add_output_dir_suffix=False,
                        max_steps=args.steps, batch_size=1, gradient_accumulation_steps=1, logging_steps=1, dataset_test_ratio=0.0, max_length=args.max_length,
-                       warmup_ratio=0.0, dataloader_num_workers=2 if torch.cuda.is_available() else 0, max_nonfinite_steps=10_000, deepspeed=args.deepspeed)  # fmt: skip
+                       warmup_ratio=0.0, dataloader_num_workers=2 if torch.cuda.is_available() else 0, max_nonfinite_steps=10_000, deepspeed=args.deepspeed, **flags)  # fmt: skip
     load = load_in_memory(prep["model_dir"], patches)
     with mock.patch.object(train, "load_model", load):
         train.run_sft(sft)
     rank = int(os.environ.get("RANK", 0))
-    applied = [p for p in patches if p != "offload" or torch.cuda.is_available()]
-    result = {"trainable_params": sum(p.numel() for p in load.model.parameters() if p.requires_grad), "what_if": applied, **gpu_peaks()}
+    result = {"trainable_params": sum(p.numel() for p in load.model.parameters() if p.requires_grad), "what_if": list(patches), "flags": flags, **gpu_peaks()}
     if rank == 0:  # only rank 0 writes the progress log
         records = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
         progress = [r for r in records if r["event"] == "progress" and "loss" in r]
@@ -334,14 +328,16 @@ def run_ours(prep: dict, args, patches: tuple) -> dict:
         world = int(os.environ.get("WORLD_SIZE", 1))
         # samples_per_s counts every rank's batch of 1; a step is one batch per rank.
         result |= {"step_s": round(sum(world / r["samples_per_s"] for r in steady) / len(steady), 3), "loss_last": progress[-1]["loss"], "skipped_steps": progress[-1]["skipped_steps"]}
+        if "offloaded_gb" in progress[-1]:  # --offload_activations: what one step's forward held in host memory
+            result["offloaded_gb"] = progress[-1]["offloaded_gb"]
     return result
 
 
 def phase_main(args) -> int:
     prep = json.loads(Path(args.prep).read_text())
-    kind, patches = PHASES[args.phase]
+    kind, patches, flags = PHASES[args.phase]
     t0 = time.perf_counter()
-    result = {"infer": run_infer, "naive": run_naive}[kind](prep, args) if kind != "ours" else run_ours(prep, args, patches)
+    result = {"infer": run_infer, "naive": run_naive}[kind](prep, args) if kind != "ours" else run_ours(prep, args, patches, flags, name=args.phase)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     rank = os.environ.get("RANK")
     Path(args.part if rank is None else f"{args.part}.rank{rank}").write_text(json.dumps(result))
@@ -431,12 +427,13 @@ def main() -> int:
 
 def write_record(args, params: dict, prep: dict, estimate: dict, results: dict) -> Path:
     """Rewritten after every phase, so a run cut short still leaves what it measured."""
-    from train_check import card_name
+    from record import card_name, write_record as write_result
 
     card = card_name()
     ours = {k: v for k, v in results.items() if k.startswith("ours") or k == "infer"}
     ratios = {}
     naive = results.get("naive-lora-gc", {})
+    plain = results.get("ours-lora-gc", {})
     for name, r in ours.items():
         if r.get("peak_mem_gb"):  # against the seed's published A100 numbers (not measured here)
             ratios[f"{name}_peak_mem_vs_seed"] = round(r["peak_mem_gb"] / SEED_PUBLISHED_GB["inference" if name == "infer" else "lora"], 3)
@@ -448,34 +445,24 @@ def write_record(args, params: dict, prep: dict, estimate: dict, results: dict) 
             ratios[f"{name}_within_target"] = r["peak_mem_gb"] <= TARGET_LORA_GB
             if naive.get("peak_mem_gb"):
                 ratios[f"{name}_peak_mem_vs_naive"] = round(r["peak_mem_gb"] / naive["peak_mem_gb"], 3)
-    record = {
-        "card": card,
-        "command": "python bench/seed_shape.py " + " ".join(sys.argv[1:]),
-        "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
-        "date": date.today().isoformat(),
-        "config": {
-            "model": f"InternVL-Chat-V1.5 layout ({args.shape}), random weights, bf16, SDPA" if args.shape == "seed" else f"{args.shape} layout, random weights",
-            "params": params,
-            "row": {k: prep[k] for k in ("tokens", "tiles", "answer_tokens", "image_tokens")},
-            "max_length": args.max_length,
-            "batch_size": 1,
-            "steps": args.steps,
-            "warmup_steps_excluded": args.warmup,
-            "lora": "r 8, alpha 32, dropout 0.05, the LLM's q/k/v (the seed's default targets); ViT and projector frozen; gradient checkpointing on",
-            "memory_estimate_bytes": estimate,
-            "seed_published_gb": SEED_PUBLISHED_GB,
-            "target_lora_gb": TARGET_LORA_GB,
-            "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-        },
-        "baselines": {k: v for k, v in results.items() if k.startswith("naive")},
-        "ours": ours,
-        "ratios": ratios,
+        if name != "ours-lora-gc" and r.get("step_s") and plain.get("step_s"):  # an option on / off, same run
+            ratios[f"{name}_step_time_vs_ours-lora-gc"] = round(r["step_s"] / plain["step_s"], 3)
+    config = {
+        "model": f"InternVL-Chat-V1.5 layout ({args.shape}), random weights, bf16, SDPA" if args.shape == "seed" else f"{args.shape} layout, random weights",
+        "params": params,
+        "row": {k: prep[k] for k in ("tokens", "tiles", "answer_tokens", "image_tokens")},
+        "max_length": args.max_length,
+        "batch_size": 1,
+        "steps": args.steps,
+        "warmup_steps_excluded": args.warmup,
+        "lora": "r 8, alpha 32, dropout 0.05, the LLM's q/k/v (the seed's default targets); ViT and projector frozen; gradient checkpointing on",
+        "memory_estimate_bytes": estimate,
+        "seed_published_gb": SEED_PUBLISHED_GB,
+        "target_lora_gb": TARGET_LORA_GB,
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     results_dir = Path(args.results_dir or (ROOT / "bench" / "results" if args.shape == "seed" else args.out))
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"train-seedshape-{card.replace(' ', '-')}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+    return write_result(results_dir, "train", "seedshape", card=card, config=config, baselines={k: v for k, v in results.items() if k.startswith("naive")}, ours=ours, ratios=ratios)
 
 
 if __name__ == "__main__":

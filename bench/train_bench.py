@@ -28,13 +28,12 @@ import random
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
 
-from train_check import card_name  # noqa: E402  (this folder: the card's name as nvidia-smi gives it)
+from record import card_name, write_record as write_result  # noqa: E402  (this folder: bench/results records)
 
 WORDS = ("the a picture shows red green blue yellow cat dog road city sign distance left right top bottom large small "
          "one two three four five people car tree house sky water boat text number table chart line bar").split()  # fmt: skip
@@ -424,24 +423,13 @@ def write_record(args, results: dict, stats: dict, peak: float, shape: dict) -> 
                 off = name.removesuffix(suffix)
                 if off != name and "samples_per_s" in results.get(off, {}):
                     ratios[f"{name}_vs_{off}"] = round(r["samples_per_s"] / results[off]["samples_per_s"], 3)
-    card = card_name()
-    record = {
-        "card": card,
-        "command": "python bench/train_bench.py " + " ".join(sys.argv[1:]),
-        "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
-        "date": date.today().isoformat(),
-        "config": {"model": "InternVL3-1B layout, random weights", "steps": args.steps, "warmup_steps_excluded": args.warmup,
-                   "data": {k: {"rows": len(s), "mean_tokens": round(mean([r['tokens'] for r in s])), "min_tokens": min(r['tokens'] for r in s), "max_tokens": max(r['tokens'] for r in s),
-                                "mean_tiles": round(mean([r['tiles'] for r in s]), 2), "mean_answer_tokens": round(mean([r['answer_tokens'] for r in s]))} for k, s in stats.items()},
-                   "lora": "r 8, alpha 32, dropout 0 (PEFT's default, as naive), all LLM linear layers; ViT frozen", "full": "LLM + projector trained, ViT frozen", "measured_peak_tflops": round(peak, 1),
-                   "model_shape": shape, "mfu": "measured real tokens/s x the data's useful FLOPs per real token (model_flops: 6N/4N per token, causal attention, answer-only LM head, frozen ViT forward) / measured peak"},  # fmt: skip
-        "baselines": {k: v for k, v in results.items() if k.startswith("naive")},
-        "ours": {k: v for k, v in results.items() if k.startswith("ours")},
-        "ratios": ratios,
-    }
-    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(args.results_dir) / f"train-{args.what}-{card.replace(' ', '-')}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    config = {"model": "InternVL3-1B layout, random weights", "steps": args.steps, "warmup_steps_excluded": args.warmup,
+              "data": {k: {"rows": len(s), "mean_tokens": round(mean([r['tokens'] for r in s])), "min_tokens": min(r['tokens'] for r in s), "max_tokens": max(r['tokens'] for r in s),
+                           "mean_tiles": round(mean([r['tiles'] for r in s]), 2), "mean_answer_tokens": round(mean([r['answer_tokens'] for r in s]))} for k, s in stats.items()},
+              "lora": "r 8, alpha 32, dropout 0 (PEFT's default, as naive), all LLM linear layers; ViT frozen", "full": "LLM + projector trained, ViT frozen", "measured_peak_tflops": round(peak, 1),
+              "model_shape": shape, "mfu": "measured real tokens/s x the data's useful FLOPs per real token (model_flops: 6N/4N per token, causal attention, answer-only LM head, frozen ViT forward) / measured peak"}  # fmt: skip
+    path = write_result(args.results_dir, "train", args.what, config=config, baselines={k: v for k, v in results.items() if k.startswith("naive")},
+                        ours={k: v for k, v in results.items() if k.startswith("ours")}, ratios=ratios)  # fmt: skip
     print(json.dumps(ratios), "written", path, flush=True)
 
 

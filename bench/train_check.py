@@ -19,13 +19,9 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def card_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout.splitlines()[0].strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "cpu"
+from record import card_name  # noqa: E402  (kept importable from here: the card's name as nvidia-smi gives it)
 
 
 def summarize(run_dir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Bench scripts as modules: they import their neighbours (train_bench, train_check) from bench/."""
+"""Bench scripts as modules: they import their neighbours (train_bench, train_check, record) from bench/."""
 
 from __future__ import annotations
 

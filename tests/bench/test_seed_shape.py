@@ -1,5 +1,6 @@
 """bench/seed_shape.py on the CPU: the seed's 25.5B layout (counted on the meta device, nothing allocated),
-its 13-tile training row at 4,096 tokens, the frozen-ViT what-if, and the whole script at the tiny shape."""
+its 13-tile training row at 4,096 tokens, the frozen-ViT what-if, and the whole script at the tiny shape
+(the offload phase through run_sft's real --offload_activations)."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def test_tiny_shape_runs_every_phase_and_writes_the_record(tmp_path):
     assert record["config"]["row"]["tiles"] == 13 and record["config"]["row"]["tokens"] <= 512
     naive = record["baselines"]["naive-lora-gc"]
     ours = record["ours"]
-    assert set(ours) == {"infer", "ours-lora-gc", "ours-lora-gc-vit-nograd", "ours-lora-gc-vit-nograd-offload"}
+    assert set(ours) == {"infer", "ours-lora-gc", "ours-lora-gc-vit-nograd", "ours-lora-gc-offload"}
     assert all("error" not in r for r in [naive, *ours.values()]), record
     assert ours["infer"]["new_tokens"] == 8 and ours["infer"]["seconds"] > 0
     vocab = math.log(400)  # a random model's loss sits near ln(vocabulary)
@@ -109,6 +110,13 @@ def test_tiny_shape_runs_every_phase_and_writes_the_record(tmp_path):
     # Running the frozen ViT under no_grad changes memory and time, not the loss.
     assert ours["ours-lora-gc-vit-nograd"]["loss_last"] == pytest.approx(ours["ours-lora-gc"]["loss_last"], abs=1e-5)
     assert ours["ours-lora-gc-vit-nograd"]["what_if"] == ["vit_nograd"]
+    # The offload phase is run_sft with --offload_activations true (train.py's own path, no what-if patch):
+    # what the forward saved went to host memory, and the loss is the plain phase's.
+    offload = ours["ours-lora-gc-offload"]
+    assert (offload["what_if"], offload["flags"]) == ([], {"offload_activations": True})
+    assert offload["offloaded_gb"] > 0 and "offloaded_gb" not in ours["ours-lora-gc"]
+    assert offload["loss_last"] == pytest.approx(ours["ours-lora-gc"]["loss_last"], abs=1e-5)
+    assert "ours-lora-gc-offload_step_time_vs_ours-lora-gc" in record["ratios"]
     assert record["ratios"]["ours-lora-gc_speedup"] > 0
 
 
