@@ -42,20 +42,21 @@ def cuda_ms(fn, repeat: int = 20) -> float:
     return round(statistics.median(times), 3)
 
 
-def step_times(model, kv, n: int, *, eager: bool) -> dict:
-    """Median ms of one decode step at batch 1/8/64 (context n): replayed graph (with sampling's host sync),
-    the replay alone, and (eager=True) the eager KVBatch step."""
+def step_times(model, kv, n: int, *, eager: bool, fused: bool = True) -> dict:
+    """Median ms of one decode step at batch 1/8/64 (context n): replayed graph (with the greedy pick's host
+    sync), the replay alone, and (eager=True) the eager KVBatch step. fused: serve/fused.py's layers, else
+    transformers' own."""
     import torch
 
     from internvl_worker.serve.kvbatch import KVBatch
     from internvl_worker.serve.slots import SlotDecoder, length_bucket
 
-    dec = SlotDecoder(model, slots=64, max_len=1024)
+    dec = SlotDecoder(model, slots=64, max_len=1024, fused=fused)
     for s in range(64):
         dec.write_prompt(s, kv)
     out = {}
     for b in (1, 8, 64):
-        row = {"graph_ms": cuda_ms(lambda: dec.step([0] * b, [n] * b).float().argmax(-1).tolist())}
+        row = {"graph_ms": cuda_ms(lambda: (dec.step([0] * b, [n] * b), dec.greedy(b)))}
         row["graph_replay_only_ms"] = cuda_ms(lambda: dec.graphs[(b, length_bucket(n + 1, 1024))].replay())
         if eager:
             batch = KVBatch(torch.device("cuda"))
@@ -71,9 +72,33 @@ def step_times(model, kv, n: int, *, eager: bool) -> dict:
             row["eager_ms"] = cuda_ms(eager_step)
         row.update({k.replace("_ms", "_tokens_per_s"): round(b * 1000 / v) for k, v in list(row.items()) if "replay" not in k})
         out[b] = row
-        print(f"decode step batch {b}:", json.dumps(row), flush=True)
+        print(f"decode step batch {b} ({'fused' if dec.fused is not None else 'transformers'} layers):", json.dumps(row), flush=True)
     del dec
     torch.cuda.empty_cache()
+    return out
+
+
+def new_length_prefill(model, lengths=(301, 317, 333, 349, 365)) -> dict:
+    """The first prefill at a prompt length not seen before, with cuDNN's attention allowed (PyTorch's default
+    on H100/H200) and without it: cuDNN builds an execution plan per new shape, which a server meets on
+    every request of a new length. Text-only prompts through the language model, ms per first call."""
+    import torch
+
+    out = {}
+    for cudnn in (True, False):
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        times = []
+        for n in lengths:
+            ids = torch.randint(100, 1000, (1, n + (0 if cudnn else 7)), device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.model.language_model(input_ids=ids)
+            torch.cuda.synchronize()
+            times.append(round((time.perf_counter() - t0) * 1000, 2))
+        again = cuda_ms(lambda: model.model.language_model(input_ids=ids), 5)
+        out["cudnn_on" if cudnn else "cudnn_off"] = {"first_call_ms": times, "repeat_ms": again}
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    print("prefill at new lengths:", json.dumps(out), flush=True)
     return out
 
 
@@ -143,8 +168,13 @@ def main() -> int:
         rec["prefill_with_vision_ms"] = cuda_ms(prefill, 10)
         kv = [(layer.keys, layer.values) for layer in prefill().layers]
         n = ids.shape[1]
-        rec["decode_step"] = {"torch": step_times(model, kv, n, eager=True)}
-    rec["engine"] = {"eager": engine_run(sm, prep, decode="eager", **run), "graphs": engine_run(sm, prep, decode="graphs", liger=False, **run)}
+        rec["decode_step"] = {"torch": step_times(model, kv, n, eager=True, fused=False), "torch+fused": step_times(model, kv, n, eager=False)}
+        rec["prefill_new_length_ms"] = new_length_prefill(model)
+    rec["engine"] = {
+        "eager": engine_run(sm, prep, decode="eager", **run),
+        "graphs": engine_run(sm, prep, decode="graphs", liger=False, fused_layers=False, **run),
+        "graphs+fused": engine_run(sm, prep, decode="graphs", liger=False, **run),
+    }
     print(json.dumps(rec["engine"]), flush=True)
     if args.compile:
         rec["engine"]["graphs+compile"] = engine_run(sm, prep, decode="graphs", liger=False, compile=True, **run)
@@ -152,10 +182,12 @@ def main() -> int:
     if why:
         rec["liger"] = why
     else:
-        rec["engine"]["graphs+liger"] = engine_run(sm, prep, decode="graphs", liger=True, **run)
+        rec["engine"]["graphs+liger"] = engine_run(sm, prep, decode="graphs", liger=True, fused_layers=False, **run)
+        rec["engine"]["graphs+liger+fused"] = engine_run(sm, prep, decode="graphs", liger=True, **run)
         with torch.inference_mode():
             rec["prefill_with_vision_liger_ms"] = cuda_ms(prefill, 10)
-            rec["decode_step"]["liger"] = step_times(model, kv, n, eager=False)
+            rec["decode_step"]["liger"] = step_times(model, kv, n, eager=False, fused=False)
+            rec["decode_step"]["liger+fused"] = step_times(model, kv, n, eager=False)
     rec["git_commit"] = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rec["command"] = "python bench/decode_profile.py " + " ".join(sys.argv[1:])
     out = Path(args.out_dir) / f"serve-profile-{card.replace(' ', '-')}-{rec['date']}.json"

@@ -30,7 +30,7 @@ def test_graph_decode_equals_eager_decode(tiny_model_dir):
         if mode == "graphs":
             info = engine.decode_info
     print("graph decode:", info)
-    assert info["decode"] == "graphs" and info["graphs"] >= 4
+    assert info["decode"] == "graphs" and info["graphs"] >= 4 and info["layers"] == "fused"
     assert results["graphs"] == results["eager"]
 
 

@@ -270,7 +270,7 @@ VISION_TILES = 64  # 448-px tiles per vision-tower forward when the engine encod
 class Engine:
     """Continuous batching over one model. `submit` is thread-safe; events go out through handles."""
 
-    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5, compile: bool = False, liger: bool | None = None):
+    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5, compile: bool = False, liger: bool | None = None, fused_layers: bool = True):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.sm = sm
@@ -281,6 +281,7 @@ class Engine:
         self.kv_cache_fraction = kv_cache_fraction
         self.compile = compile
         self.liger = liger  # None: Liger's kernels on the slot path when installed (and on a GPU)
+        self.fused_layers = fused_layers  # fused.py's decode layers where the architecture allows
         self.decode_info: dict = {}  # what the engine chose (reported by /info and the startup log)
         self.stop_ids = list(sm.template.stop_token_ids or [])
         if not self.stop_ids and sm.model.generation_config.eos_token_id is not None:
@@ -383,7 +384,7 @@ class Engine:
         kernels = self._liger_kernels()
         sm.vision_in_engine = True  # _encode_images_together: one vision forward for all newcomers
         t0 = time.monotonic()
-        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile, stop_ids=self.stop_ids)
+        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile, fused=self.fused_layers, stop_ids=self.stop_ids)
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
             "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "layers": "fused" if dec.fused is not None else "transformers",
