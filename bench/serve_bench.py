@@ -346,6 +346,9 @@ def server_view(before: dict | None, after: dict | None) -> dict:
         "server_ttft_mean_ms": mean_ms("internvl_time_to_first_token_seconds"),  # submitted to the engine -> first token
         "server_queue_mean_ms": mean_ms("internvl_queue_seconds"),  # None until the engine records queue time
         "server_request_mean_ms": mean_ms("internvl_request_duration_seconds", '{route="/generate_stream"}'),
+        "prefill_rounds": int(delta("internvl_prefill_seconds_count")),  # admission rounds: vision + prefill of the newcomers together
+        "prefill_round_mean_ms": mean_ms("internvl_prefill_seconds"),
+        "prefill_round_mean_requests": round(delta("internvl_prefill_requests_sum") / delta("internvl_prefill_requests_count"), 2) if delta("internvl_prefill_requests_count") > 0 else None,
         "decode_steps": int(steps),
         "mean_batch_rows": round(delta("internvl_batch_size_sum") / steps, 2) if steps > 0 else None,
         "generated_tokens": int(delta("internvl_generated_tokens_total")),

@@ -158,6 +158,11 @@ def test_16_concurrent_streams_each_equal_its_greedy_answer(server, tiny, red_ur
     assert steps < sum(n for _, _, n in jobs) - len(jobs)  # decode steps were shared between requests
     metrics = requests.get(server.url + "/metrics", timeout=10).text
     assert "internvl_batch_size_bucket" in metrics and "internvl_time_to_first_token_seconds_count" in metrics
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    # every request waited in the queue once and was admitted in some admission round; rounds admit several
+    assert values["internvl_queue_seconds_count"] >= len(jobs)
+    assert values["internvl_prefill_requests_sum"] >= len(jobs)
+    assert 1 <= values["internvl_prefill_seconds_count"] <= values["internvl_prefill_requests_sum"]
 
 
 # ---------------------------------------------------------------------------------------- bad requests

@@ -460,12 +460,23 @@ class Engine:
             self.metrics.running.set(len(self._batch))
 
     def _admit(self, handles: list[Handle]) -> None:
+        t0 = time.monotonic()
         rows = []
         for h in handles:
             if h.cancelled.is_set():
                 self._emit(h, ("done", "cancelled"))
             else:
                 rows.append(_Row(h))
+        if self.metrics is not None:
+            for r in rows:
+                self.metrics.queue_time.observe(t0 - r.handle.t_submit)
+        if rows:
+            self._prefill_rows(rows)
+            if self.metrics is not None:
+                self.metrics.prefill_duration.observe(time.monotonic() - t0)  # the first tokens' wait ends it
+                self.metrics.prefill_requests.observe(len(rows))
+
+    def _prefill_rows(self, rows: list[_Row]) -> None:
         if self._slots is not None:
             self._admit_together(rows)
             return

@@ -29,6 +29,8 @@ class Metrics:
         self.queue_depth = Gauge("internvl_queue_depth", "Requests prepared and waiting for a batch row", registry=r)
         self.running = Gauge("internvl_running_requests", "Requests in the decode batch", registry=r)
         self.in_flight = Gauge("internvl_in_flight_requests", "Requests admitted and not yet answered (limit: --max-concurrent-requests)", registry=r)
+        self.prefill_duration = Histogram("internvl_prefill_seconds", "Time of one admission round: vision tower, prefill and first tokens of the requests admitted together", buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_requests = Histogram("internvl_prefill_requests", "Requests admitted together in one admission round", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_size = Histogram("internvl_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.ready = Gauge("internvl_ready", "1 once the warm-up image+text request succeeded", registry=r)
 
