@@ -8,6 +8,8 @@ import torch
 
 from internvl_worker.serve import fused, slots
 
+from serve.test_slots import check_steps_against_forward  # tests/ is on sys.path (pytest prepend mode)
+
 
 def _internvl(text_config):
     """A tiny InternVL around the given language-model config (random weights, fp32, CPU)."""
@@ -41,8 +43,6 @@ def _text_config(arch: str, **over):
 def test_fused_step_equals_the_model_forward(arch):
     """Two rows of different lengths, three steps, then a compaction: each step's logits equal a no-cache
     forward of the model, and the fused path is the one that ran."""
-    from transformers.cache_utils import DynamicCache
-
     model = _internvl(_text_config(arch))
     lm = model.model.language_model
     dec = slots.SlotDecoder(model, slots=3, max_len=300, use_graphs=False)
@@ -52,26 +52,7 @@ def test_fused_step_equals_the_model_forward(arch):
     attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
     assert attn.k_proj.weight.untyped_storage().data_ptr() == first.qkv_w.untyped_storage().data_ptr()
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == first.gate_up_w.untyped_storage().data_ptr()
-    prompts = [[5, 9, 13, 2, 7, 30, 31], [8, 3, 22]]
-    seqs = [list(p) for p in prompts]
-    for slot, p in enumerate(prompts):
-        cache = DynamicCache()
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([p]), use_cache=True, cache=cache)
-        dec.write_prompt(slot, [(layer.keys, layer.values) for layer in cache.layers])
-    with torch.inference_mode():
-        for step in range(3):
-            nxt = [17 + step, 40 + step]
-            logits = dec.step(nxt, [len(s) for s in seqs]).clone()
-            for i, t in enumerate(nxt):
-                seqs[i].append(t)
-                ref = model(input_ids=torch.tensor([seqs[i]])).logits[0, -1]
-                torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
-        dec.compact([1], used_columns=len(seqs[1]))
-        logits = dec.step([99], [len(seqs[1])]).clone()
-        seqs[1].append(99)
-        ref = model(input_ids=torch.tensor([seqs[1]])).logits[0, -1]
-        torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+    check_steps_against_forward(model, dec)
 
 
 def test_fused_and_transformers_layers_agree_on_the_same_slots():

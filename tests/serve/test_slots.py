@@ -80,12 +80,11 @@ def test_slot_engine_equals_reference_while_rows_join_and_leave(plain):
         assert tok.decode(ours, skip_special_tokens=True) == text
 
 
-def test_slot_step_logits_equal_a_full_forward(plain):
-    """Decode three tokens for two rows of different lengths; each step's logits equal a no-cache forward."""
+def check_steps_against_forward(model, dec) -> None:
+    """Decode three tokens for two rows of different lengths, then compact row 0 away and decode on: each
+    step's logits equal a no-cache forward of the model."""
     from transformers.cache_utils import DynamicCache
 
-    model = plain.model
-    dec = slots.SlotDecoder(model, slots=3, max_len=300, use_graphs=False)
     prompts = [[5, 9, 13, 2, 7, 30, 31], [8, 3, 22]]
     seqs = [list(p) for p in prompts]
     for slot, p in enumerate(prompts):
@@ -107,6 +106,13 @@ def test_slot_step_logits_equal_a_full_forward(plain):
         seqs[1].append(99)
         ref = model(input_ids=torch.tensor([seqs[1]])).logits[0, -1]
         torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-layers", "transformers-layers"])
+def test_slot_step_logits_equal_a_full_forward(plain, fused):
+    dec = slots.SlotDecoder(plain.model, slots=3, max_len=300, use_graphs=False, fused=fused)
+    assert (dec.fused is not None) == fused
+    check_steps_against_forward(plain.model, dec)
 
 
 def test_buckets_and_slot_planning():
