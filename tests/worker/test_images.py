@@ -7,9 +7,10 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from internvl_worker.images import IMAGENET_MEAN, IMAGENET_STD, ImageError, ImageTiler, fetch_url, image_size, load_image
+from internvl_worker.images import IMAGENET_MEAN, IMAGENET_STD, ImageError, ImageTiler, fetch_url, image_size, load_image, normalize_pixels
 
 
 def reference_tiles(img: Image.Image, size: int = 448, max_num: int = 12) -> np.ndarray:
@@ -44,6 +45,10 @@ def test_tiling_equals_internvl_reference(w, h):
     assert tuple(pixel_values.shape) == ref.shape
     np.testing.assert_array_equal(pixel_values.numpy(), ref)
     assert ImageTiler(448, 12).num_tiles(w, h) == ref.shape[0]
+    # the server's path: uint8 tiles, normalized later (on the GPU) to the very same float32 values
+    pixels, tiles8 = ImageTiler(448, 12)([img], normalize=False)
+    assert pixels.dtype == torch.uint8 and tiles8 == tiles
+    np.testing.assert_array_equal(normalize_pixels(pixels).numpy(), ref)
 
 
 def test_tile_limit_and_several_images():

@@ -233,11 +233,30 @@ class ImageTiler:
         """Tiles for an image of this size, thumbnail included, without touching its pixels."""
         return self.processor.get_number_of_image_patches(height, width, {})
 
-    def __call__(self, images: list[Image.Image]):
-        """-> (pixel_values float32 tensor (sum(tiles), 3, size, size), tiles per image)."""
+    def __call__(self, images: list[Image.Image], *, normalize: bool = True):
+        """-> (pixel_values float32 tensor (sum(tiles), 3, size, size), tiles per image).
+
+        normalize=False: the tiles' uint8 pixels instead (4x smaller, and the CPU skips the float work, about
+        half the tiling time), for `normalize_pixels` on the GPU, which gives the same float32 values."""
+        import numpy as np
         import torch
 
         if not images:
             return None, []
-        out = self.processor(images=images, return_tensors="np")
-        return torch.from_numpy(out["pixel_values"]), [int(n) for n in out["num_patches"]]
+        if normalize:
+            out = self.processor(images=images, return_tensors="np")
+            return torch.from_numpy(out["pixel_values"]), [int(n) for n in out["num_patches"]]
+        out = self.processor(images=images, return_tensors="np", do_rescale=False, do_normalize=False)
+        return torch.from_numpy(out["pixel_values"].astype(np.uint8)), [int(n) for n in out["num_patches"]]
+
+
+def normalize_pixels(pixels, device=None):
+    """uint8 tiles (from `ImageTiler(..., normalize=False)`) -> the float32 pixel values the processor makes:
+    rescale by 1/255 in float64 rounded to float32, then (x - mean) / std per channel in float32: the operations
+    transformers' numpy path does, in its order, so the values are bit for bit the same."""
+    import torch
+
+    x = (pixels.to(device=device, non_blocking=True).double() * (1 / 255)).float()
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device)[:, None, None]
+    return (x - mean) / std

@@ -150,10 +150,12 @@ class Prepared:
 
 
 def encode_images(sm: ServedModel, pixel_values, adapter: str | None = None):
-    """Vision tower + pixel shuffle + projector: (tiles, 3, H, W) -> (tiles, tokens per tile, hidden)."""
+    """Vision tower + pixel shuffle + projector: (tiles, 3, H, W) -> (tiles, tokens per tile, hidden). Pixels are
+    the processor's float values, or its uint8 tiles (ImageTiler(normalize=False)), normalized here."""
     import torch
 
     model, config = sm.model, sm.model.config
+    pixel_values = pixels_on_device(pixel_values, sm.device)
     with torch.inference_mode(), sm.adapter_context(None if adapter is None else [adapter] * pixel_values.shape[0]):
         out = model.model.get_image_features(
             pixel_values=pixel_values.to(device=sm.device, dtype=model.dtype),
@@ -163,6 +165,17 @@ def encode_images(sm: ServedModel, pixel_values, adapter: str | None = None):
         )
     # 5.24 returns an output object (features in pooler_output); earlier 5.x the features tensor itself
     return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def pixels_on_device(pixel_values, device):
+    """Float pixel values on `device`; prepare.py's uint8 tiles are normalized there (images.normalize_pixels)."""
+    import torch
+
+    from ..images import normalize_pixels
+
+    if pixel_values.dtype == torch.uint8:
+        return normalize_pixels(pixel_values, device)
+    return pixel_values.to(device)
 
 
 def vision_features_off_thread(sm: ServedModel, pixel_values):
@@ -541,7 +554,7 @@ class Engine:
                 tiles += n
             start += len(chunk)
             try:
-                feats = encode_images(self.sm, torch.cat([r.handle.prepared.pixel_values for r in chunk]))
+                feats = encode_images(self.sm, torch.cat([pixels_on_device(r.handle.prepared.pixel_values, self.sm.device) for r in chunk]))
             except Exception as e:
                 self._fail(chunk, "vision encoding", e)
                 for r in chunk:

@@ -40,7 +40,8 @@ def prepare(sm: ServedModel, req: GenerationRequest, limits: Limits, policy: Ima
             images.append(load_image(src, timeout=policy.timeout, max_bytes=policy.max_image_bytes, allow_private_urls=policy.allow_private_urls))
         except ImageError as e:
             raise image_error(e) from None
-    pixel_values, tiles = template.tiler(images) if images else (None, [])
+    # uint8 tiles: the GPU normalizes them (encode_images), a quarter of the bytes to copy and half the CPU work
+    pixel_values, tiles = template.tiler(images, normalize=False) if images else (None, [])
     try:
         encoded = template.encode(req.conversation, tiles, check_length=False)
     except PromptTooLong as e:  # not raised with check_length=False; kept for a template that checks anyway
