@@ -146,3 +146,17 @@ def test_admission_limit_and_flag():
     a = build_parser().parse_args(["serve", "--model_id_or_path", "/m", "--max-waiting-requests", "5"])
     assert a.max_waiting_requests == 5
     assert build_parser().parse_args(["serve", "--model_id_or_path", "/m"]).max_waiting_requests is None
+
+
+def test_admission_pooling_options():
+    from internvl_worker.cli import build_parser
+    from internvl_worker.serve.app import ServeConfig
+
+    a = build_parser().parse_args(["serve", "--model_id_or_path", "/m"])
+    assert (a.waiting_served_ratio, a.max_waiting_tokens) == (0.3, 20)  # TGI's defaults
+    a = build_parser().parse_args(["serve", "--model_id_or_path", "/m", "--waiting-served-ratio", "1.2", "--max-waiting-tokens", "0"])
+    assert (a.waiting_served_ratio, a.max_waiting_tokens) == (1.2, 0)
+    with pytest.raises(ValueError, match="--waiting-served-ratio must be 0 or more, got -1"):
+        ServeConfig(model_id_or_path="unused", waiting_served_ratio=-1).validate()
+    with pytest.raises(ValueError, match="--max-waiting-tokens must be 0 or more, got -2"):
+        ServeConfig(model_id_or_path="unused", max_waiting_tokens=-2).validate()

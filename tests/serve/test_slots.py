@@ -6,6 +6,8 @@ is checked by tests/gpu/test_serve_graphs.py.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from PIL import Image
@@ -171,3 +173,49 @@ def test_greedy_choice_in_the_step_equals_next_tokens(plain):
     with torch.inference_mode():  # not early any more: the stop token may win
         dec.step([11, 12], [0, 0], early=[False, False])
         assert dec.greedy(2)[0] == top
+
+
+def test_admission_rounds_are_pooled():
+    from internvl_worker.serve.engine import admit_now
+
+    rule = dict(ratio=0.3, max_steps=20)
+    assert admit_now(1, 0, 0, **rule)  # nothing running: at once
+    assert not admit_now(0, 0, 50, **rule)  # nobody waiting
+    assert not admit_now(2, 10, 0, **rule) and admit_now(3, 10, 0, **rule)  # 3 >= 0.3 x 10
+    assert not admit_now(1, 63, 19, **rule) and admit_now(1, 63, 20, **rule)  # waited 20 steps: admitted anyway
+    assert admit_now(1, 63, 0, ratio=0.3, max_steps=0)  # --max-waiting-tokens 0: every step
+
+
+def test_pooled_admission_keeps_every_answer(plain):
+    """A high --waiting-served-ratio holds newcomers back while a long request runs: two that arrive two steps
+    apart are admitted in one round once --max-waiting-tokens steps have passed (without pooling they would
+    take a round each), and every answer still equals the eager path's."""
+    from internvl_worker.serve.metrics import Metrics
+
+    jobs = [(_prepared(plain, "What is the red?"), 40), (_prepared(plain, "And the green?"), 5), (_prepared(plain, "Blue?"), 7)]
+    metrics = Metrics()
+    eager = Engine(plain, max_batch_size=4, decode="eager", max_total_tokens=512)
+    pooled = Engine(plain, max_batch_size=4, decode="static", max_total_tokens=512, metrics=metrics, waiting_served_ratio=10.0, max_waiting_tokens=15)
+    for e in (eager, pooled):
+        e.start()
+    try:
+        want = _run(eager, jobs)
+        long = pooled.submit(Handle(SamplingParams(max_new_tokens=40, min_new_tokens=40), None, jobs[0][0]))
+        long_events = long.events_sync(timeout=120)
+        first = next(long_events)  # the long request is running
+        short = []
+        for p, n in jobs[1:]:  # the second newcomer comes two steps after the first
+            at = pooled.steps
+            short.append(pooled.submit(Handle(SamplingParams(max_new_tokens=n, min_new_tokens=n), None, p)))
+            while pooled.steps < at + 2:
+                time.sleep(0.0005)
+        got_short = [[ev[1] for ev in h.events_sync(timeout=120) if ev[0] == "token"] for h in short]
+        got_long = [first[1]] + [ev[1] for ev in long_events if ev[0] == "token"]
+    finally:
+        eager.shutdown(30)
+        pooled.shutdown(30)
+    assert [got_long] + got_short == want
+    rounds = metrics.prefill_requests.collect()[0].samples
+    count = next(x.value for x in rounds if x.name.endswith("_count"))
+    total = next(x.value for x in rounds if x.name.endswith("_sum"))
+    assert (count, total) == (2, 3)  # the long one alone, then both newcomers in one round

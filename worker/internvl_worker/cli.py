@@ -238,6 +238,7 @@ def cmd_serve(args) -> int:
             allow_private_image_urls=args.allow_private_image_urls, dtype=args.dtype, use_flash_attn=args.use_flash_attn,
             preprocess_workers=args.preprocess_workers, graceful_timeout=args.graceful_timeout, decode=args.decode,
             kv_cache_fraction=args.kv_cache_fraction, compile=args.compile, use_liger_kernel=args.use_liger_kernel,
+            waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens,
         )  # fmt: skip
         cfg.validate()
     except (ValueError, OSError) as e:
@@ -414,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrent-requests", dest="max_concurrent_requests", type=positive_int, default=128, help="requests in flight (preparing, waiting, generating) before new ones get 429")
     g.add_argument("--max-batch-size", dest="max_batch_size", type=positive_int, default=32, help="requests decoded together in one step; the rest wait their turn")
     g.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int, default=None, help="requests that may wait for a batch row (or be preparing) while the batch is full; beyond, new ones get 429 at once instead of queueing (default: --max-batch-size, so an admitted request waits at most about one generation)")
+    g.add_argument(
+        "--waiting-served-ratio", dest="waiting_served_ratio", type=float, default=0.3,
+        help="with a batch running, admit newcomers (a pause of decoding: vision tower + prefill) only once the waiting requests are at least "
+        "this share of the running ones, or after --max-waiting-tokens steps; an admission round costs about the same for 1 or 20 newcomers (TGI's option)",
+    )  # fmt: skip
+    g.add_argument("--max-waiting-tokens", dest="max_waiting_tokens", type=int, default=20, help="decode steps a waiting request may wait for --waiting-served-ratio before it is admitted anyway (TGI's option; 0: admit at every step)")
     g.add_argument("--max-input-tokens", dest="max_input_tokens", type=positive_int, default=8192, help="prompt tokens, images included (256 per 448-px tile); longer prompts get 422")
     g.add_argument("--max-total-tokens", dest="max_total_tokens", type=positive_int, default=None, help="prompt + generated tokens (default: max input tokens + 2048)")
     g.add_argument("--max-images", dest="max_images", type=positive_int, default=8, help="images per request")

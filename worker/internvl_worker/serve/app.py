@@ -83,6 +83,8 @@ class ServeConfig:
     kv_cache_fraction: float = 0.5  # of the GPU memory free after loading, for the decode slots' KV cache
     compile: bool = False  # torch.compile the slot decode step before capturing its graphs
     use_liger_kernel: bool | None = None  # None: Liger's kernels on the slot path when installed
+    waiting_served_ratio: float = 0.3  # engine.admit_now: admit when waiting >= ratio x running ...
+    max_waiting_tokens: int = 20  # ... or after this many decode steps
 
     def validate(self) -> None:
         problems = []
@@ -97,6 +99,10 @@ class ServeConfig:
 
         if self.decode not in DECODE_MODES:
             problems.append(f"--decode {self.decode!r}: use one of {', '.join(DECODE_MODES)}")
+        if self.waiting_served_ratio < 0:
+            problems.append(f"--waiting-served-ratio must be 0 or more, got {self.waiting_served_ratio}")
+        if self.max_waiting_tokens < 0:
+            problems.append(f"--max-waiting-tokens must be 0 or more, got {self.max_waiting_tokens}")
         if not 0.0 < self.kv_cache_fraction <= 0.95:
             problems.append(f"--kv-cache-fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
         if self.request_timeout <= 0:
@@ -172,7 +178,7 @@ class Server:
             self.engine = Engine(
                 self.sm, max_batch_size=self.cfg.max_batch_size, metrics=self.metrics, max_total_tokens=self.limits.max_total_tokens,
                 decode=self.cfg.decode, kv_cache_fraction=self.cfg.kv_cache_fraction, compile=self.cfg.compile,
-                liger=self.cfg.use_liger_kernel,
+                liger=self.cfg.use_liger_kernel, waiting_served_ratio=self.cfg.waiting_served_ratio, max_waiting_tokens=self.cfg.max_waiting_tokens,
             )  # fmt: skip
             self.engine.start()
             log.info(json.dumps({"event": "model_loaded", "model": self.sm.name, "adapters": sorted(self.sm.adapters), "seconds": round(time.monotonic() - t0, 2)}))
@@ -585,6 +591,8 @@ def build_app(server: Server) -> Starlette:
                 "max_input_length": server.limits.max_input_tokens,
                 "max_total_tokens": server.limits.max_total_tokens,
                 "max_batch_size": cfg.max_batch_size,
+                "waiting_served_ratio": cfg.waiting_served_ratio,
+                "max_waiting_tokens": cfg.max_waiting_tokens,
                 "max_images": cfg.max_images,
                 "max_image_bytes": cfg.max_image_bytes,
                 "validation_workers": cfg.preprocess_workers,

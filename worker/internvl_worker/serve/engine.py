@@ -276,6 +276,18 @@ class _Row:
 
 
 DECODE_MODES = ("auto", "graphs", "static", "eager")
+
+
+def admit_now(waiting: int, running: int, steps_waited: int, *, ratio: float, max_steps: int) -> bool:
+    """Whether to pause decoding for an admission round now (TGI's rule, with its option names).
+
+    A round (vision tower, prefill, first tokens) costs about as much for one newcomer as for twenty, since
+    its kernels are launch-bound, so with a batch running it waits until the waiting requests are at least
+    `ratio` x the running ones (--waiting-served-ratio), or it has waited `max_steps` decode steps
+    (--max-waiting-tokens). An empty batch admits at once."""
+    if waiting == 0:
+        return False
+    return running == 0 or waiting >= ratio * running or steps_waited >= max_steps
 PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward (slot path)
 VISION_TILES = 64  # 448-px tiles per vision-tower forward when the engine encodes a group's images (slot path)
 
@@ -283,7 +295,10 @@ VISION_TILES = 64  # 448-px tiles per vision-tower forward when the engine encod
 class Engine:
     """Continuous batching over one model. `submit` is thread-safe; events go out through handles."""
 
-    def __init__(self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5, compile: bool = False, liger: bool | None = None, fused_layers: bool = True):
+    def __init__(
+        self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5,
+        compile: bool = False, liger: bool | None = None, fused_layers: bool = True, waiting_served_ratio: float = 0.3, max_waiting_tokens: int = 20,
+    ):  # fmt: skip
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.sm = sm
@@ -295,6 +310,8 @@ class Engine:
         self.compile = compile
         self.liger = liger  # None: Liger's kernels on the slot path when installed (and on a GPU)
         self.fused_layers = fused_layers  # fused.py's decode layers where the architecture allows
+        self.waiting_served_ratio, self.max_waiting_tokens = waiting_served_ratio, max_waiting_tokens  # see admit_now
+        self._steps_waited = 0  # decode steps since requests started waiting with a batch running
         self.decode_info: dict = {}  # what the engine chose (reported by /info and the startup log)
         self.stop_ids = list(sm.template.stop_token_ids or [])
         if not self.stop_ids and sm.model.generation_config.eos_token_id is not None:
@@ -451,7 +468,12 @@ class Engine:
                     if self._stopping and not self._waiting and not len(self._batch):
                         break
                     room = min(self.max_batch_size, capacity) - len(self._batch)
-                    admit, self._waiting = self._waiting[:room], self._waiting[room:]
+                    admit = []
+                    if room > 0 and admit_now(len(self._waiting), len(self._batch), self._steps_waited, ratio=self.waiting_served_ratio, max_steps=self.max_waiting_tokens):
+                        admit, self._waiting = self._waiting[:room], self._waiting[room:]
+                        self._steps_waited = 0
+                    elif self._waiting:
+                        self._steps_waited += 1
                 try:
                     if admit:
                         self._flush()  # the last step's tokens go out before a prefill, not after it
