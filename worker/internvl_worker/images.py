@@ -150,16 +150,21 @@ def open_image_bytes(data: bytes, name: str) -> Image.Image:
     return img.convert("RGB")
 
 
+def url_image_bytes(src: str, *, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, allow_private_urls: bool = True) -> tuple[bytes, str]:
+    """(the encoded image's bytes, a name for messages) of a data: or http(s) URL, before any decoding (the
+    server keys its cache of vision features by these bytes)."""
+    if src.startswith("data:"):
+        return decode_data_url(src, max_bytes=max_bytes), "from data URL"
+    return fetch_url(src, timeout=timeout, max_bytes=max_bytes, allow_private=allow_private_urls), repr(_short(src))
+
+
 def load_image(src, *, base_dir: str | Path | None = None, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, allow_private_urls: bool = True) -> Image.Image:
     """An RGB PIL image from a PIL image, a local path, an http(s) URL or a data: URL."""
     if isinstance(src, Image.Image):
         return src.convert("RGB")
     src = str(src).strip()
-    if src.startswith("data:"):
-        return open_image_bytes(decode_data_url(src, max_bytes=max_bytes), "from data URL")
-    if src.startswith(("http://", "https://")):
-        data = fetch_url(src, timeout=timeout, max_bytes=max_bytes, allow_private=allow_private_urls)
-        return open_image_bytes(data, repr(_short(src)))
+    if src.startswith(("data:", "http://", "https://")):
+        return open_image_bytes(*url_image_bytes(src, timeout=timeout, max_bytes=max_bytes, allow_private_urls=allow_private_urls))
     path = Path(src).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path

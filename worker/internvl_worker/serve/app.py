@@ -24,7 +24,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, EngineOverloaded, Handle, ServedModel, load_served_model
+from .engine import Engine, EngineOverloaded, Handle, ServedModel, lora_in_vision, load_served_model
+from .imagecache import ImageFeatureCache
 from .metrics import Metrics
 from .prepare import ImagePolicy, IncrementalDecoder, prepare
 from .protocol import (
@@ -85,6 +86,7 @@ class ServeConfig:
     use_liger_kernel: bool | None = None  # None: Liger's kernels on the slot path when installed
     waiting_served_ratio: float = 0.3  # engine.admit_now: admit when waiting >= ratio x running ...
     max_waiting_tokens: int = 20  # ... or after this many decode steps
+    image_cache_mb: float = 512.0  # vision features of recent images, by content (imagecache.py); 0: off
 
     def validate(self) -> None:
         problems = []
@@ -101,6 +103,8 @@ class ServeConfig:
             problems.append(f"--decode {self.decode!r}: use one of {', '.join(DECODE_MODES)}")
         if self.waiting_served_ratio < 0:
             problems.append(f"--waiting-served-ratio must be 0 or more, got {self.waiting_served_ratio}")
+        if self.image_cache_mb < 0:
+            problems.append(f"--image-cache-mb must be 0 or more, got {self.image_cache_mb:g}")
         if self.max_waiting_tokens < 0:
             problems.append(f"--max-waiting-tokens must be 0 or more, got {self.max_waiting_tokens}")
         if not 0.0 < self.kv_cache_fraction <= 0.95:
@@ -175,6 +179,8 @@ class Server:
         try:
             t0 = time.monotonic()
             self.sm = self.loader()
+            if self.cfg.image_cache_mb > 0 and not lora_in_vision(self.sm.model):
+                self.sm.image_cache = ImageFeatureCache(int(self.cfg.image_cache_mb * 2**20), self.metrics)
             self.engine = Engine(
                 self.sm, max_batch_size=self.cfg.max_batch_size, metrics=self.metrics, max_total_tokens=self.limits.max_total_tokens,
                 decode=self.cfg.decode, kv_cache_fraction=self.cfg.kv_cache_fraction, compile=self.cfg.compile,
@@ -594,6 +600,7 @@ def build_app(server: Server) -> Starlette:
                 "waiting_served_ratio": cfg.waiting_served_ratio,
                 "max_waiting_tokens": cfg.max_waiting_tokens,
                 "max_images": cfg.max_images,
+                "image_cache_mb": cfg.image_cache_mb if server.sm is not None and server.sm.image_cache is not None else 0,
                 "max_image_bytes": cfg.max_image_bytes,
                 "validation_workers": cfg.preprocess_workers,
                 "max_client_batch_size": 1,

@@ -53,6 +53,7 @@ class ServedModel:
     adapters: dict[str, str] = field(default_factory=dict)  # served adapter name -> PEFT adapter name
     default_adapter: str | None = None  # PEFT adapter for requests naming no adapter (None: plain model)
     vision_in_engine: bool = False  # encode images in the engine: an adapter changes the vision tower, or the slot path batches them
+    image_cache: object = None  # imagecache.ImageFeatureCache, or None (off, or adapters touch the vision tower)
 
     @property
     def peft(self):
@@ -123,11 +124,11 @@ def load_served_model(*, model_id_or_path=None, model_type=None, ckpt_dir=None, 
     loaded.model.eval()
     name = served_model_name or (Path(str(ckpt_dir)).name if ckpt_dir else Path(str(loaded.model_dir)).name)
     sm = ServedModel(loaded=loaded, name=name, adapters=served, default_adapter=default)
-    sm.vision_in_engine = _lora_in_vision(sm.model)
+    sm.vision_in_engine = lora_in_vision(sm.model)
     return sm
 
 
-def _lora_in_vision(model) -> bool:
+def lora_in_vision(model) -> bool:
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -145,8 +146,31 @@ class Prepared:
     input_ids: list[int]
     image_tokens: int = 0
     tiles: list[int] = field(default_factory=list)
-    image_features: object = None  # (tiles, tokens per tile, hidden) on the model device
-    pixel_values: object = None  # only when the vision tower must run in the engine (LoRA on it)
+    image_features: object = None  # (tiles, tokens per tile, hidden) on the model device, all images
+    pixel_values: object = None  # tiles of the images still to encode (those not cached), when the engine encodes them
+    image_keys: list = field(default_factory=list)  # per image: its content key in the feature cache (or None)
+    cached: list = field(default_factory=list)  # per image: its cached features, or None (its tiles are in pixel_values)
+
+
+def finish_image_features(sm: "ServedModel", prepared: Prepared, computed) -> None:
+    """prepared.image_features from the cached images' features and `computed` (the vision tower's output for
+    the other images' tiles, in prompt order); the newly computed ones go into the cache."""
+    import torch
+
+    parts, start = [], 0
+    cached = prepared.cached or [None] * len(prepared.tiles)
+    for i, (n, hit) in enumerate(zip(prepared.tiles, cached)):
+        if hit is None:
+            hit = computed[start : start + n]
+            start += n
+            key = prepared.image_keys[i] if prepared.image_keys else None
+            if sm.image_cache is not None and key is not None:
+                sm.image_cache.put(key, hit.clone())  # a copy: a view would keep the whole batch's output alive
+        parts.append(hit)
+    if computed is not None and start != computed.shape[0]:
+        raise EngineError(f"vision features for {computed.shape[0]} tiles, but the uncached images have {start}")
+    prepared.image_features = parts[0] if len(parts) == 1 else torch.cat(parts)
+    prepared.pixel_values = None
 
 
 def encode_images(sm: ServedModel, pixel_values, adapter: str | None = None):
@@ -583,7 +607,7 @@ class Engine:
                     r.done = True
                 continue
             for r, f in zip(chunk, feats.split([r.handle.prepared.pixel_values.shape[0] for r in chunk])):
-                r.handle.prepared.image_features, r.handle.prepared.pixel_values = f, None
+                finish_image_features(self.sm, r.handle.prepared, f)
 
     def _prefill_group(self, group: list) -> list:
         """Prefill rows together (batch = len(group), right-padded); returns each row's KV per layer."""
@@ -622,9 +646,9 @@ class Engine:
 
         p = row.handle.prepared
         sm = self.sm
+        if p.image_features is None and p.pixel_values is not None:
+            finish_image_features(sm, p, encode_images(sm, p.pixel_values, adapters[0] if adapters else None))
         feats = p.image_features
-        if feats is None and p.pixel_values is not None:
-            feats = encode_images(sm, p.pixel_values, adapters[0] if adapters else None)
         ids = torch.tensor(p.input_ids, device=sm.device)
         embeds = sm.model.get_input_embeddings()(ids)
         if feats is not None:

@@ -31,6 +31,9 @@ class Metrics:
         self.in_flight = Gauge("internvl_in_flight_requests", "Requests admitted and not yet answered (limit: --max-concurrent-requests)", registry=r)
         self.prefill_duration = Histogram("internvl_prefill_seconds", "Time of one admission round: vision tower, prefill and first tokens of the requests admitted together", buckets=LATENCY_BUCKETS, registry=r)
         self.prefill_requests = Histogram("internvl_prefill_requests", "Requests admitted together in one admission round", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.image_cache_hits = Counter("internvl_image_cache_hits", "Images whose vision features came from the cache (--image-cache-mb)", registry=r)
+        self.image_cache_misses = Counter("internvl_image_cache_misses", "Images not in the cache: decoded, tiled and encoded", registry=r)
+        self.image_cache_bytes = Gauge("internvl_image_cache_bytes", "GPU memory held by cached vision features", registry=r)
         self.batch_size = Histogram("internvl_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.ready = Gauge("internvl_ready", "1 once the warm-up image+text request succeeded", registry=r)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..images import ImageError, load_image
+from ..images import ImageError, open_image_bytes, url_image_bytes
 from ..templates import PromptTooLong, TemplateError
-from .engine import Prepared, ServedModel, vision_features_off_thread
+from .engine import Prepared, ServedModel, finish_image_features, vision_features_off_thread
+from .imagecache import image_key
 from .protocol import GenerationRequest, Limits, ServeError, fit_max_new_tokens, validation_error
 
 
@@ -31,17 +32,26 @@ def image_error(e: ImageError) -> ServeError:
 
 def prepare(sm: ServedModel, req: GenerationRequest, limits: Limits, policy: ImagePolicy) -> Prepared:
     template = sm.template
-    images = []
+    images, keys, cached = [], [], []
+    cache = sm.image_cache
     for src in req.conversation.images:
         if not isinstance(src, str) or not src.startswith(("http://", "https://", "data:")):
             # Never read the server's own files: a path in a request would be a file-disclosure hole.
             raise validation_error(f"image {str(src)[:60]!r}: only http(s) and data:image URLs are accepted")
         try:
-            images.append(load_image(src, timeout=policy.timeout, max_bytes=policy.max_image_bytes, allow_private_urls=policy.allow_private_urls))
+            data, name = url_image_bytes(src, timeout=policy.timeout, max_bytes=policy.max_image_bytes, allow_private_urls=policy.allow_private_urls)
+            key = image_key(data) if cache is not None else None
+            hit = cache.get(key) if key is not None else None
+            if hit is None:  # a cached image is not even decoded
+                images.append(open_image_bytes(data, name))
         except ImageError as e:
             raise image_error(e) from None
+        keys.append(key)
+        cached.append(hit)
     # uint8 tiles: the GPU normalizes them (encode_images), a quarter of the bytes to copy and half the CPU work
-    pixel_values, tiles = template.tiler(images, normalize=False) if images else (None, [])
+    pixel_values, new_tiles = template.tiler(images, normalize=False) if images else (None, [])
+    fresh = iter(new_tiles)
+    tiles = [hit.shape[0] if hit is not None else next(fresh) for hit in cached]
     try:
         encoded = template.encode(req.conversation, tiles, check_length=False)
     except PromptTooLong as e:  # not raised with check_length=False; kept for a template that checks anyway
@@ -49,12 +59,10 @@ def prepare(sm: ServedModel, req: GenerationRequest, limits: Limits, policy: Ima
     except TemplateError as e:
         raise validation_error(f"inputs: {e}") from None
     fit_max_new_tokens(req.params, len(encoded.input_ids), limits)
-    prepared = Prepared(input_ids=encoded.input_ids, image_tokens=encoded.image_tokens, tiles=tiles)
-    if pixel_values is not None:
-        if sm.vision_in_engine:
-            prepared.pixel_values = pixel_values
-        else:
-            prepared.image_features = vision_features_off_thread(sm, pixel_values)
+    prepared = Prepared(input_ids=encoded.input_ids, image_tokens=encoded.image_tokens, tiles=tiles, pixel_values=pixel_values, image_keys=keys, cached=cached)
+    if tiles and (pixel_values is None or not sm.vision_in_engine):
+        # every image cached, or the eager path: the features are made here, off the engine thread
+        finish_image_features(sm, prepared, vision_features_off_thread(sm, pixel_values) if pixel_values is not None else None)
     return prepared
 
 
