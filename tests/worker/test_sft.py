@@ -252,6 +252,10 @@ def test_checkpointing_keeps_the_frozen_vision_tower_out_of_backward(tiny, sft_t
     out = model(**inputs)
     out.logits.float().logsumexp(-1).mean().backward()
     assert seen == [False]
+    # Its layers are not checkpointed either (nothing to recompute; no input saver for --offload_activations
+    # to copy), while the language model's still are.
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in base.model.vision_tower.modules())
+    assert all(layer.gradient_checkpointing for layer in base.model.language_model.layers)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trained and not any("vision_tower" in n for n in trained)
     assert all(p.grad is not None for p in trained.values()), [n for n, p in trained.items() if p.grad is None]

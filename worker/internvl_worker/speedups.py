@@ -122,7 +122,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     largest saving and the slowest step. On a machine without CUDA the tensors are copied to plain host
     memory (already there: the CPU tests use it to check that the round trip changes no loss or gradient).
 
-    `moved` / `moved_bytes` count what the last forward sent to the host, `kept` what stayed (weights)."""
+    `moved` / `moved_bytes` count what the last forward sent to the host, `kept` what stayed (weights, and on
+    a GPU machine tensors already in host memory)."""
 
     def __init__(self, model: torch.nn.Module):
         self.pin = torch.cuda.is_available()
@@ -132,7 +133,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor):
-        if t.layout != torch.strided or t.untyped_storage().data_ptr() in self.weights:
+        on_host = self.pin and t.device.type == "cpu"  # with a GPU, a host tensor has nothing to free
+        if on_host or t.layout != torch.strided or t.untyped_storage().data_ptr() in self.weights:
             self.kept += 1
             return t.detach()  # detached: a saved output holding itself would keep its graph alive in a cycle
         host = torch.empty(t.size(), dtype=t.dtype, pin_memory=self.pin)
