@@ -361,6 +361,13 @@ class Engine:
     def start(self) -> None:
         """Start the engine thread; return once it has chosen its decode path (and captured its CUDA
         graphs), so the first request does not wait for that."""
+        if self.sm.device.type == "cuda":
+            import torch
+
+            # cuDNN's attention builds an execution plan for every new shape, and prompts come in every length:
+            # the first prefill at a new length took 80-94 ms with it and 18-19 ms without (1B shape, ~350
+            # tokens, H100; bench/decode_profile.py). Flash / memory-efficient SDPA need no plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -435,10 +442,16 @@ class Engine:
                 raise EngineError(f"--decode graphs: {reason}")
             self.decode_info = {"decode": "eager", "why": reason}
             return None
-        kernels = self._liger_kernels()
+        from . import fused
+
+        fusable = self.fused_layers and fused.unsupported(sm.model.model.language_model) is None
+        kernels = self._liger_kernels(patch_model=not fusable)
         sm.vision_in_engine = True  # _encode_images_together: one vision forward for all newcomers
         t0 = time.monotonic()
-        dec = slots.SlotDecoder(sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile, fused=self.fused_layers, stop_ids=self.stop_ids)
+        dec = slots.SlotDecoder(
+            sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile, fused=self.fused_layers,
+            stop_ids=self.stop_ids, liger=kernels == "liger",
+        )  # fmt: skip
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
             "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "layers": "fused" if dec.fused is not None else "transformers",
@@ -451,15 +464,17 @@ class Engine:
             self.decode_info["why"] = f"--max-batch-size {self.max_batch_size} lowered to {rows}: the KV slots that fit in {self.kv_cache_fraction:.0%} of free GPU memory"
         return dec
 
-    def _liger_kernels(self) -> str:
-        """Liger's fused RMSNorm/SwiGLU/RoPE in the language model: a decode step is launch-bound (~45 small
-        kernels a layer at batch 1), and these make ~20 of them. "liger" when applied, else "torch"."""
+    def _liger_kernels(self, patch_model: bool) -> str:
+        """Liger's fused RMSNorm/SwiGLU/RoPE for the decode step, which is launch-bound: "liger" when they will
+        run, else "torch". With the fused layers they are called by the step itself (fused.py) and the model
+        stays unpatched, so the eager prefill keeps aten's cheaper launches; otherwise (transformers' layers)
+        they are patched into the language model."""
         from .. import speedups
 
         if self.liger is False:
             return "torch"
         why = speedups.liger_unavailable()
-        if why is None and speedups.apply_liger_kernels(self.sm.model) is not None:
+        if why is None and (not patch_model or speedups.apply_liger_kernels(self.sm.model) is not None):
             return "liger"
         if self.liger:
             log.warning("--use_liger_kernel true but %s: decoding with the plain PyTorch kernels", why or "liger-kernel has no kernels for this language model")

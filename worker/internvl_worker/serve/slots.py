@@ -108,7 +108,7 @@ class _SlotCache:
 class SlotDecoder:
     """Fixed KV buffers for `slots` requests of up to `max_len` tokens, and the decode step over them."""
 
-    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None, compile: bool = False, fused: bool = True, stop_ids: list[int] | None = None):
+    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None, compile: bool = False, fused: bool = True, stop_ids: list[int] | None = None, liger: bool = False):
         import torch
 
         from . import fused as fused_layers
@@ -142,7 +142,7 @@ class SlotDecoder:
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
         # Fewer kernels a layer (fused.py) where the architecture allows; transformers' layers otherwise.
         self.fused_why = fused_layers.unsupported(self.lm) if fused else "turned off"
-        self.fused = fused_layers.FusedLayers(self.lm) if self.fused_why is None else None
+        self.fused = fused_layers.FusedLayers(self.lm, liger=liger) if self.fused_why is None else None
         self._slot_kv = [(layer.keys, layer.values) for layer in self.layers]
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], object] = {}
