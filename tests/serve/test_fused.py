@@ -90,3 +90,34 @@ def test_unsupported_language_models_say_why():
     assert "not plain nn.Linear" in fused.unsupported(lora.get_base_model().model.language_model)
     with pytest.raises(ValueError, match="fused decode layers: layer 0: projections are not plain nn.Linear"):
         fused.FusedLayers(lora.get_base_model().model.language_model)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama-bias"])
+def test_fused_prefill_writes_the_cache_transformers_would(arch):
+    """Two right-padded prompts prefilled straight into slots 1 and 2: last-token logits and every layer's
+    keys/values equal transformers' forward with a DynamicCache; a decode step after it is right too."""
+    from transformers.cache_utils import DynamicCache
+
+    model = _internvl(_text_config(arch))
+    emb = model.get_input_embeddings()
+    dec = slots.SlotDecoder(model, slots=3, max_len=64, use_graphs=False)
+    prompts = [[5, 9, 13, 2, 7, 30, 31], [8, 3, 22]]
+    embeds = torch.zeros(2, 7, model.config.text_config.hidden_size)
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            embeds[i, : len(p)] = emb(torch.tensor(p))
+        logits = dec.prefill(embeds, 1, [len(p) - 1 for p in prompts])
+        for i, p in enumerate(prompts):
+            cache = DynamicCache()
+            ref = model(input_ids=torch.tensor([p]), use_cache=True, cache=cache).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+            for layer, ref_layer in zip(dec.layers, cache.layers):
+                torch.testing.assert_close(layer.keys[1 + i, :, : len(p)], ref_layer.keys[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(layer.values[1 + i, :, : len(p)], ref_layer.values[0], rtol=1e-4, atol=1e-4)
+        # decode on from slot 2 (the shorter prompt, written over padding columns)
+        dec.compact([2], used_columns=len(prompts[1]))
+        step = dec.step([44], [len(prompts[1])]).clone()
+        ref = model(input_ids=torch.tensor([prompts[1] + [44]])).logits[0, -1]
+        torch.testing.assert_close(step[0], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="over 3 slots"):
+        dec.prefill(embeds, 2, [6, 2])

@@ -591,8 +591,12 @@ class Engine:
                 except Exception as e:
                     self._fail([r for r, _ in group], "prefill", e)
                 else:
-                    live = [i for i, (r, _) in enumerate(group) if not r.done]
-                    self._batch.add([group[i][0] for i in live], [caches[i] for i in live])
+                    if caches is None:  # written straight into the next slots: rows that already ended leave
+                        self._batch.rows.extend(r for r, _ in group)
+                        self._batch.keep([i for i, r in enumerate(self._batch.rows) if not r.done])
+                    else:
+                        live = [i for i, (r, _) in enumerate(group) if not r.done]
+                        self._batch.add([group[i][0] for i in live], [caches[i] for i in live])
                 group = []
             if item is not None:
                 group.append(item)
@@ -624,8 +628,9 @@ class Engine:
             for r, f in zip(chunk, feats.split([r.handle.prepared.pixel_values.shape[0] for r in chunk])):
                 finish_image_features(self.sm, r.handle.prepared, f)
 
-    def _prefill_group(self, group: list) -> list:
-        """Prefill rows together (batch = len(group), right-padded); returns each row's KV per layer."""
+    def _prefill_group(self, group: list) -> list | None:
+        """Prefill rows together (batch = len(group), right-padded); returns each row's KV per layer, or None
+        when the fused layers wrote it straight into the slots after the batch's rows."""
         import torch
         from transformers.cache_utils import DynamicCache
 
@@ -635,13 +640,19 @@ class Engine:
         embeds = first.new_zeros(len(group), width, first.shape[-1])
         for i, (_, e) in enumerate(group):
             embeds[i, : e.shape[0]] = e
+        rows = [r for r, _ in group]
+        if self._slots is not None and self._slots.fused is not None:
+            logits = self._slots.prefill(embeds, len(self._batch), [n - 1 for n in lengths])
+            for r, n in zip(rows, lengths):
+                r.pos = n
+            self._accept(rows, logits)
+            return None
         device = self.sm.device
         cache = DynamicCache()
         lm = self.sm.model.model.language_model
         out = lm(inputs_embeds=embeds, position_ids=torch.arange(width, device=device)[None].expand(len(group), width), use_cache=True, **{self._cache_kw: cache})
         last = torch.tensor([n - 1 for n in lengths], device=device)
         hidden = out.last_hidden_state[torch.arange(len(group), device=device), last]
-        rows = [r for r, _ in group]
         for r, n in zip(rows, lengths):
             r.pos = n
         self._accept(rows, self.sm.model.lm_head(hidden))

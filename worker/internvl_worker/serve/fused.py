@@ -133,17 +133,32 @@ class FusedLayers:
             self.layers = [_Layer(layer, liger) for layer in lm.layers]
         self.final_norm = _liger_norm(lm.norm) if liger else lm.norm
 
+    def _qkv(self, layer, h):
+        x = layer.norm1(h)
+        return torch.addmm(layer.qkv_b, x, layer.qkv_w.t()) if layer.qkv_b is not None else torch.mm(x, layer.qkv_w.t())
+
+    def _finish_layer(self, layer, h, attn) -> None:
+        """Output projection and MLP, each added into the residual stream `h` (rows, hidden) in place."""
+        h.addmm_(attn, layer.o_w.t())  # h += attention @ W_o^T: the residual add inside the GEMM
+        if layer.o_b is not None:
+            h += layer.o_b
+        x = layer.norm2(h)
+        gate_up = torch.addmm(layer.gate_up_b, x, layer.gate_up_w.t()) if layer.gate_up_b is not None else torch.mm(x, layer.gate_up_w.t())
+        act = torch.nn.functional.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+        h.addmm_(act, layer.down_w.t())
+        if layer.down_b is not None:
+            h += layer.down_b
+
     def forward(self, ids, pos, bias, slots: list, rows, length: int):
-        """ids, pos: (b,) tokens and positions; bias: (b, 1, 1, length) additive mask (0 or -inf);
-        slots: per layer (keys, values) buffers (slots, kv_heads, max_len, head_dim); rows: arange(b).
+        """One decode step. ids, pos: (b,) tokens and positions; bias: (b, 1, 1, length) additive mask (0 or
+        -inf); slots: per layer (keys, values) buffers (slots, kv_heads, max_len, head_dim); rows: arange(b).
         Returns the final-normed hidden states (b, hidden)."""
         b, nq, nkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         qw, kw = nq * hd, nkv * hd
         h = self.lm.embed_tokens(ids)
         cos, sin = self.lm.rotary_emb(h, pos[:, None])  # (b, 1, head_dim)
         for layer, (keys, values) in zip(self.layers, slots):
-            x = layer.norm1(h)
-            qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w.t()) if layer.qkv_b is not None else torch.mm(x, layer.qkv_w.t())
+            qkv = self._qkv(layer, h)
             q, k, v = qkv[:, :qw].view(b, nq, hd), qkv[:, qw : qw + kw].view(b, nkv, hd), qkv[:, qw + kw :].view(b, nkv, hd)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
@@ -154,13 +169,31 @@ class FusedLayers:
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.reshape(b, nkv, nq // nkv, hd), keys[:b, :, :length], values[:b, :, :length], attn_mask=bias, scale=layer.scale
             )
-            h.addmm_(out.reshape(b, qw), layer.o_w.t())  # h += attention @ W_o^T, the residual in the GEMM
-            if layer.o_b is not None:
-                h += layer.o_b
-            x = layer.norm2(h)
-            gate_up = torch.addmm(layer.gate_up_b, x, layer.gate_up_w.t()) if layer.gate_up_b is not None else torch.mm(x, layer.gate_up_w.t())
-            act = torch.nn.functional.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-            h.addmm_(act, layer.down_w.t())
-            if layer.down_b is not None:
-                h += layer.down_b
+            self._finish_layer(layer, h, out.reshape(b, qw))
         return self.final_norm(h)
+
+    def prefill(self, embeds, slots: list, slot_ids, last):
+        """Prompts in: embeds (b, T, hidden), right-padded (the causal mask alone keeps padding out of every
+        real token's attention). Writes row i's keys/values for columns [0, T) straight into slot
+        slot_ids[i] of every layer (the padded columns are overwritten by decode before any mask admits
+        them). Returns the final-normed hidden state at position last[i] of each row, (b, hidden).
+        transformers' forward launches ~40 kernels a layer from Python plus a cache object; this is the
+        decode step's ~14, so a short prompt's prefill is no longer bound by launches."""
+        b, t, hidden = embeds.shape
+        nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
+        qw, kw = nq * hd, nkv * hd
+        h = embeds.reshape(b * t, hidden).clone()  # the residual stream, updated in place
+        positions = torch.arange(t, device=embeds.device)[None].expand(b, t)
+        cos, sin = self.lm.rotary_emb(embeds, positions)  # (b, T, head_dim)
+        for layer, (keys, values) in zip(self.layers, slots):
+            qkv = self._qkv(layer, h)
+            q, k, v = qkv[:, :qw].view(b, t, nq, hd), qkv[:, qw : qw + kw].view(b, t, nkv, hd), qkv[:, qw + kw :].view(b, t, nkv, hd)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            q, k = layer.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, heads, T, hd)
+            v = v.transpose(1, 2)
+            keys[slot_ids, :, :t] = k
+            values[slot_ids, :, :t] = v
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale, enable_gqa=nq != nkv)
+            self._finish_layer(layer, h, out.transpose(1, 2).reshape(b * t, qw))
+        return self.final_norm(h.view(b, t, hidden)[torch.arange(b, device=h.device), last])

@@ -166,6 +166,20 @@ class SlotDecoder:
             layer.keys[slot, :, :n] = k[0]
             layer.values[slot, :, :n] = v[0]
 
+    def prefill(self, embeds, first_slot: int, last: list[int]):
+        """Right-padded prompts (b, T, hidden) straight into slots first_slot.. (fused layers only; see
+        fused.FusedLayers.prefill); returns (b, vocab) logits at each row's last prompt token (`last`)."""
+        import torch
+
+        b, t = embeds.shape[:2]
+        if self.fused is None:
+            raise ValueError(f"prefill into slots needs the fused layers ({self.fused_why})")
+        if t > self.max_len or first_slot + b > self.slots:
+            raise ValueError(f"{b} prompts of {t} tokens from slot {first_slot}: over {self.slots} slots of {self.max_len}")
+        slot_ids = torch.arange(first_slot, first_slot + b, device=self.device)
+        hidden = self.fused.prefill(embeds, self._slot_kv, slot_ids, torch.tensor(last, device=self.device))
+        return self.head(hidden)
+
     def compact(self, keep: list[int], used_columns: int) -> None:
         """Rows `keep` (ascending) move to slots 0..len(keep)-1; only the first used_columns are copied."""
         import torch
@@ -214,6 +228,16 @@ class SlotDecoder:
         return self.logits[:n]
 
     def _forward(self, b: int, length: int) -> None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # cuDNN's attention is off for the engine (a plan per new prefill length); decode shapes are fixed per
+        # graph, and cuDNN is the fastest with a mask here (H100, fused layers, engine in-process at batch 1:
+        # 505 tokens/s with it, 377 without), so the step asks for it first.
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(order, set_priority=True):
+            self._forward_step(b, length)
+
+    def _forward_step(self, b: int, length: int) -> None:
         import torch
 
         pos = self.pos[:b]
