@@ -42,7 +42,7 @@ def cuda_ms(fn, repeat: int = 20) -> float:
     return round(statistics.median(times), 3)
 
 
-def step_times(model, kv, n: int, *, eager: bool, fused: bool = True) -> dict:
+def step_times(model, kv, n: int, *, eager: bool, fused: bool = True, compile: bool = False, liger: bool = False) -> dict:
     """Median ms of one decode step at batch 1/8/64 (context n): replayed graph (with the greedy pick's host
     sync), the replay alone, and (eager=True) the eager KVBatch step. fused: serve/fused.py's layers, else
     transformers' own."""
@@ -51,7 +51,7 @@ def step_times(model, kv, n: int, *, eager: bool, fused: bool = True) -> dict:
     from internvl_worker.serve.kvbatch import KVBatch
     from internvl_worker.serve.slots import SlotDecoder, length_bucket
 
-    dec = SlotDecoder(model, slots=64, max_len=1024, fused=fused)
+    dec = SlotDecoder(model, slots=64, max_len=1024, fused=fused, compile=compile, liger=liger)
     for s in range(64):
         dec.write_prompt(s, kv)
     out = {}
@@ -177,7 +177,10 @@ def main() -> int:
     }
     print(json.dumps(rec["engine"]), flush=True)
     if args.compile:
-        rec["engine"]["graphs+compile"] = engine_run(sm, prep, decode="graphs", liger=False, compile=True, **run)
+        with torch.inference_mode():
+            rec["decode_step"]["compiled+fused"] = step_times(model, kv, n, eager=False, compile=True)
+        rec["engine"]["graphs+fused+compile"] = engine_run(sm, prep, decode="graphs", liger=False, compile=True, **run)
+        print(json.dumps(rec["engine"]["graphs+fused+compile"]), flush=True)
     why = speedups.liger_unavailable()
     if why:
         rec["liger"] = why
@@ -187,7 +190,7 @@ def main() -> int:
         with torch.inference_mode():
             rec["prefill_with_vision_liger_ms"] = cuda_ms(prefill, 10)
             rec["decode_step"]["liger"] = step_times(model, kv, n, eager=False, fused=False)
-            rec["decode_step"]["liger+fused"] = step_times(model, kv, n, eager=False)
+            rec["decode_step"]["liger+fused"] = step_times(model, kv, n, eager=False, liger=True)
     rec["git_commit"] = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rec["command"] = "python bench/decode_profile.py " + " ".join(sys.argv[1:])
     out = Path(args.out_dir) / f"serve-profile-{card.replace(' ', '-')}-{rec['date']}.json"
