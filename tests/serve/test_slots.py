@@ -219,3 +219,40 @@ def test_pooled_admission_keeps_every_answer(plain):
     count = next(x.value for x in rounds if x.name.endswith("_count"))
     total = next(x.value for x in rounds if x.name.endswith("_sum"))
     assert (count, total) == (2, 3)  # the long one alone, then both newcomers in one round
+
+
+def test_chained_steps_give_the_eager_tokens(plain):
+    """Greedy rows on the slot path run chained steps (the next one queued on the device before the last
+    is read). Row 0 meets a stop token mid-way, so a chained step computed for it is dropped; a sampled
+    request joins later (the chain is taken in first). Every answer equals the eager path's."""
+    prompts = [_prepared(plain, q) for q in ("What is the red?", "Tell me a story", "Name three colours")]
+    probe = Engine(plain, max_batch_size=4, decode="eager", max_total_tokens=512)
+    probe.start()
+    try:
+        free = _run_free(probe, prompts, 30)
+    finally:
+        probe.shutdown(30)
+    stop = free[0][6]  # a token row 0 emits at step 7: made a stop token, row 0 ends there
+    results, chained = {}, 0
+    for mode in ("eager", "static"):
+        engine = Engine(plain, max_batch_size=4, decode=mode, max_total_tokens=512)
+        engine.stop_ids = engine.stop_ids + [stop]
+        engine.start()
+        try:
+            results[mode] = _run_free(engine, prompts, 30)
+            sampled = engine.submit(Handle(SamplingParams(max_new_tokens=12, do_sample=True, seed=7), None, prompts[1]))
+            results[mode].append([ev[1] for ev in sampled.events_sync(timeout=60) if ev[0] == "token"])
+        finally:
+            engine.shutdown(30)
+        chained = engine.chained_steps
+    assert results["static"] == results["eager"]
+    assert results["eager"][0][-1] == stop and len(results["eager"][0]) <= 7 < len(results["eager"][1])
+    assert chained > 10
+
+
+def _run_free(engine: Engine, prepared: list, n: int) -> list[list[int]]:
+    handles = [engine.submit(Handle(SamplingParams(max_new_tokens=n), None, p)) for p in prepared]
+    out = [[ev[1] for ev in h.events_sync(timeout=120) if ev[0] == "token"] for h in handles]
+    time.sleep(0.2)
+    assert all(h.queue.empty() for h in handles)  # nothing after a request's end (a dropped chained step)
+    return out

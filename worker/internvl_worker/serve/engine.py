@@ -336,6 +336,8 @@ class Engine:
         self.fused_layers = fused_layers  # fused.py's decode layers where the architecture allows
         self.waiting_served_ratio, self.max_waiting_tokens = waiting_served_ratio, max_waiting_tokens  # see admit_now
         self._steps_waited = 0  # decode steps since requests started waiting with a batch running
+        self._ahead = None  # a greedy slot step queued before the last one was read (SlotDecoder.step_chained)
+        self.chained_steps = 0
         self.decode_info: dict = {}  # what the engine chose (reported by /info and the startup log)
         self.stop_ids = list(sm.template.stop_token_ids or [])
         if not self.stop_ids and sm.model.generation_config.eos_token_id is not None:
@@ -515,11 +517,13 @@ class Engine:
                         self._steps_waited += 1
                 try:
                     if admit:
+                        self._drain()  # the rows change: finish the step in flight first
                         self._flush()  # the last step's tokens go out before a prefill, not after it
                         self._admit(admit)
                     if len(self._batch):
                         self._step()  # hands the previous step's events to the loop while the GPU works
                 except Exception as e:  # e.g. CUDA out of memory: fail the batch, keep serving
+                    self._ahead = None
                     log.exception("decode step failed; failing %d running request(s)", len(self._batch))
                     for row in self._batch.rows:
                         self._emit(row.handle, ("error", f"generation failed: {type(e).__name__}: {e}"))
@@ -712,6 +716,8 @@ class Engine:
         import torch
 
         batch, device = self._batch, self.sm.device
+        if any(r.handle.cancelled.is_set() for r in batch.rows):
+            self._drain()
         live = [i for i, r in enumerate(batch.rows) if not r.handle.cancelled.is_set()]
         for i, r in enumerate(batch.rows):
             if r.handle.cancelled.is_set():
@@ -721,12 +727,13 @@ class Engine:
             return
         rows = batch.rows
         picked = None
+        if isinstance(batch, SlotBatch) and not any(r.state.params.needs_row_processing for r in rows):
+            self._greedy_slot_step(batch, rows)
+            return
+        self._drain()
         if isinstance(batch, SlotBatch):
             early = [len(r.state.generated) < r.state.params.min_new_tokens for r in rows]
             logits = batch.decoder.step([r.last for r in rows], [r.pos for r in rows], early)
-            if not any(r.state.params.needs_row_processing for r in rows):
-                # all greedy: the step chose the tokens itself; only they come back to the host
-                picked = batch.decoder.greedy(len(rows), while_waiting=self._flush)
         else:
             ids = torch.tensor([[r.last] for r in rows], device=device)
             pos = torch.tensor([[r.pos] for r in rows], device=device)
@@ -744,6 +751,56 @@ class Engine:
         # streams them while the GPU computes, and the next launch does not wait behind the loop for the GIL.
         self._accept(rows, logits, while_waiting=self._flush, picked=picked)
         batch.keep([i for i, r in enumerate(rows) if not r.done])
+
+    def _greedy_slot_step(self, batch: "SlotBatch", rows: list[_Row]) -> None:
+        """All rows greedy on the slot path: the step picks the tokens itself, and while the rows stay the same
+        the next step is queued (fed on the device) before this one's tokens are read, so the GPU never waits
+        for the host's bookkeeping and streaming. A step is not chained when rows will change after this one
+        (a row reaching max_new_tokens, requests waiting to be admitted); a row that stops on a stop token
+        has one extra step computed for it, dropped."""
+        dec = batch.decoder
+        if self._ahead is None:
+            early = [len(r.state.generated) < r.state.params.min_new_tokens for r in rows]
+            dec.step([r.last for r in rows], [r.pos for r in rows], early)
+            read = dec.start_read(len(rows))
+        else:
+            read, self._ahead = self._ahead, None
+        if self._can_chain(rows):
+            dec.step_chained(len(rows), [r.pos + 1 for r in rows], [len(r.state.generated) + 1 < r.state.params.min_new_tokens for r in rows])
+            self._ahead = dec.start_read(len(rows))
+            self.chained_steps += 1
+        self._took_step(rows, dec.finish_read(read, while_waiting=self._flush))
+        if self._ahead is not None and any(r.done for r in rows):
+            self._drain()
+        if self._ahead is None:
+            batch.keep([i for i, r in enumerate(rows) if not r.done])
+
+    def _can_chain(self, rows: list[_Row]) -> bool:
+        return (
+            not self._waiting and not self._stopping
+            and all(len(r.state.generated) + 1 < r.state.params.max_new_tokens for r in rows)
+            and max(r.pos for r in rows) + 2 <= self._slots.max_len
+        )  # fmt: skip
+
+    def _drain(self) -> None:
+        """Take in the chained step, if one is in flight (before the rows change): rows that ended at the step
+        before it drop its token."""
+        if self._ahead is None:
+            return
+        read, self._ahead = self._ahead, None
+        rows = self._batch.rows
+        tokens, logprobs = self._batch.decoder.finish_read(read)
+        live = [i for i, r in enumerate(rows) if not r.done]
+        self._took_step([rows[i] for i in live], ([tokens[i] for i in live], [logprobs[i] for i in live]))
+        self._batch.keep([i for i, r in enumerate(rows) if not r.done])
+
+    def _took_step(self, rows: list[_Row], picked) -> None:
+        for r in rows:
+            r.pos += 1
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(rows))
+        self._accept(rows, None, picked=picked)
 
     def _accept(self, rows: list[_Row], logits, while_waiting=None, picked=None) -> None:
         tokens, logprobs = picked if picked is not None else next_tokens(logits, [r.state for r in rows], self.stop_ids, while_waiting)

@@ -136,7 +136,10 @@ class SlotDecoder:
         # float64 (token ids are exact) so that one copy brings both back.
         self.stop_ids = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=self.device)
         self._picked = torch.zeros(2, slots, dtype=torch.float64, device=self.device)
-        self._picked_host = torch.zeros(2, slots, dtype=torch.float64, pin_memory=pinned)
+        # Two of each host buffer: with one step queued ahead (step_chained), the last one's copy may be in use.
+        self._picked_hosts = [torch.zeros(2, slots, dtype=torch.float64, pin_memory=pinned) for _ in range(2)]
+        self._early_hosts = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._flips = [0, 0]
         self.columns = torch.arange(max_len, device=self.device)
         self.logits = torch.empty(slots, self.head.weight.shape[0], dtype=self.dtype, device=self.device)
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
@@ -218,14 +221,34 @@ class SlotDecoder:
         if early is not None and any(early):
             host[2, :n] = torch.tensor(early)
         self._inputs[:, :b].copy_(host, non_blocking=True)
+        self._launch(b, length)
+        return self.logits[:n]
+
+    def step_chained(self, n: int, positions: list[int], early: list[bool]) -> None:
+        """The next step for the same n rows, fed on the device by the last step's own greedy tokens and
+        positions (each step writes them back into its inputs): it needs nothing from the host but the rows'
+        min_new_tokens flags, so it can be queued before the host has read the last step's tokens, and the
+        GPU does not idle while the host hands them out. `positions`: this step's (for its length bucket)."""
+        import torch
+
+        b = batch_bucket(n, self.slots)
+        length = length_bucket(max(positions) + 1, self.max_len)
+        flags = self._early_hosts[self._flips[0]]
+        self._flips[0] ^= 1
+        flags[:b].zero_()
+        if any(early):
+            flags[:n] = torch.tensor(early)
+        self.early[:b].copy_(flags[:b], non_blocking=True)
+        self._launch(b, length)
+
+    def _launch(self, b: int, length: int) -> None:
         if not self.use_graphs:
             self._run(b, length)
-        else:
-            graph = self.graphs.get((b, length))
-            if graph is None:
-                graph = self.graphs[(b, length)] = self._capture(b, length)
-            graph.replay()
-        return self.logits[:n]
+            return
+        graph = self.graphs.get((b, length))
+        if graph is None:
+            graph = self.graphs[(b, length)] = self._capture(b, length)
+        graph.replay()
 
     def _forward(self, b: int, length: int) -> None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -270,24 +293,37 @@ class SlotDecoder:
         token = scores.argmax(-1)
         self._picked[0, :b] = token
         self._picked[1, :b] = scores.gather(1, token[:, None])[:, 0] - scores.logsumexp(-1)
+        # The next step's inputs, should it be chained (step_chained): this step's tokens, one position on.
+        self.ids[:b].copy_(token)
+        self.pos[:b] += 1
 
-    def greedy(self, n: int, while_waiting=None) -> tuple[list[int], list[float]]:
-        """The last step's greedy (token, log-probability) for rows 0..n-1, as Python lists. The wait for them
-        releases the GIL (a CUDA event); `while_waiting()` runs before it (see sampling.to_host)."""
+    def start_read(self, n: int):
+        """Queue the copy of the last step's greedy picks (rows 0..n-1) to the host; `finish_read` waits."""
         import torch
 
-        host = self._picked_host[:, :n]
+        host = self._picked_hosts[self._flips[1]][:, :n]
+        self._flips[1] ^= 1
         host.copy_(self._picked[:, :n], non_blocking=True)
+        done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-            if while_waiting is not None:
-                while_waiting()
-            done.synchronize()
-        elif while_waiting is not None:
+        return host, done
+
+    def finish_read(self, read, while_waiting=None) -> tuple[list[int], list[float]]:
+        """(tokens, log-probabilities) of a `start_read`, as Python lists. The wait releases the GIL (a CUDA
+        event); `while_waiting()` runs before it (see sampling.to_host)."""
+        host, done = read
+        if while_waiting is not None:
             while_waiting()
+        if done is not None:
+            done.synchronize()
         tokens, logprobs = host.tolist()
         return [int(t) for t in tokens], logprobs
+
+    def greedy(self, n: int, while_waiting=None) -> tuple[list[int], list[float]]:
+        """The last step's greedy (token, log-probability) for rows 0..n-1."""
+        return self.finish_read(self.start_read(n), while_waiting)
 
     def _capture(self, b: int, length: int):
         """Record one step for this (batch, length) bucket. The warm-up runs compute this very step (same
@@ -298,9 +334,11 @@ class SlotDecoder:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
+        inputs = self._inputs.clone()  # a step moves its inputs on (tokens, positions): warm up on the same ones
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._run(b, length)
+                self._inputs.copy_(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
