@@ -529,6 +529,8 @@ def card_name(device: str) -> str:
 
 
 def git_commit() -> str | None:
+    if os.environ.get("GIT_COMMIT"):  # the device machine's copy of the tree can carry a stale .git
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
