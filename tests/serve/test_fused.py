@@ -81,6 +81,9 @@ def test_unsupported_language_models_say_why():
     dec = slots.SlotDecoder(sliding, slots=2, max_len=256, use_graphs=False)
     assert dec.fused is None and dec.fused_why == why  # it decodes through transformers' layers instead
 
+    dynamic = _internvl(_text_config("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}))
+    assert "RoPE type 'dynamic'" in fused.unsupported(dynamic.model.language_model)
+
     gelu = _internvl(_text_config("llama", hidden_act="gelu"))
     assert "activation 'gelu'" in fused.unsupported(gelu.model.language_model)
 

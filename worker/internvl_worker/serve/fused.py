@@ -51,7 +51,7 @@ def unsupported(lm) -> str | None:
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         return f"layer types {sorted(kinds)} (only full attention is fused)"
-    if "dynamic" in _rope_type(cfg):
+    if "dynamic" in _rope_type(cfg) or _rope_type(cfg) == "longrope":  # transformers' dynamic_rope_update
         return f"RoPE type {_rope_type(cfg)!r} (its scaling depends on the length: not graph-safe)"
     if not hasattr(lm, "rotary_emb") or not hasattr(lm, "embed_tokens") or not hasattr(lm, "norm"):
         return f"{type(lm).__name__} lacks embed_tokens/rotary_emb/norm"
