@@ -716,8 +716,9 @@ class Engine:
         import torch
 
         batch, device = self._batch, self.sm.device
-        if any(r.handle.cancelled.is_set() for r in batch.rows):
-            self._drain()
+        greedy_slots = isinstance(batch, SlotBatch) and not any(r.state.params.needs_row_processing for r in batch.rows)
+        if not greedy_slots or any(r.handle.cancelled.is_set() for r in batch.rows):
+            self._drain()  # the rows are about to change, or this step is not a chained one: take in the last
         live = [i for i, r in enumerate(batch.rows) if not r.handle.cancelled.is_set()]
         for i, r in enumerate(batch.rows):
             if r.handle.cancelled.is_set():
@@ -726,11 +727,9 @@ class Engine:
         if not len(batch):
             return
         rows = batch.rows
-        picked = None
-        if isinstance(batch, SlotBatch) and not any(r.state.params.needs_row_processing for r in rows):
+        if greedy_slots:
             self._greedy_slot_step(batch, rows)
             return
-        self._drain()
         if isinstance(batch, SlotBatch):
             early = [len(r.state.generated) < r.state.params.min_new_tokens for r in rows]
             logits = batch.decoder.step([r.last for r in rows], [r.pos for r in rows], early)
@@ -749,7 +748,7 @@ class Engine:
             self.metrics.batch_size.observe(len(rows))
         # The previous step's events go to the event loop once this step is queued on the GPU: the loop
         # streams them while the GPU computes, and the next launch does not wait behind the loop for the GIL.
-        self._accept(rows, logits, while_waiting=self._flush, picked=picked)
+        self._accept(rows, logits, while_waiting=self._flush)
         batch.keep([i for i, r in enumerate(rows) if not r.done])
 
     def _greedy_slot_step(self, batch: "SlotBatch", rows: list[_Row]) -> None:
