@@ -256,3 +256,32 @@ def _run_free(engine: Engine, prepared: list, n: int) -> list[list[int]]:
     time.sleep(0.2)
     assert all(h.queue.empty() for h in handles)  # nothing after a request's end (a dropped chained step)
     return out
+
+
+def test_cancelling_a_chained_request_keeps_the_others_right(plain):
+    """A request cancelled while its steps are chained ends with "cancelled" and nothing after; the request
+    decoding beside it still gets the eager path's tokens."""
+    prompts = [_prepared(plain, "What is the red?"), _prepared(plain, "Tell me a story")]
+    eager = Engine(plain, max_batch_size=4, decode="eager", max_total_tokens=512)
+    eager.start()
+    try:
+        want = _run_free(eager, prompts[1:], 40)[0]
+    finally:
+        eager.shutdown(30)
+    engine = Engine(plain, max_batch_size=4, decode="static", max_total_tokens=512)
+    engine.start()
+    try:
+        doomed = engine.submit(Handle(SamplingParams(max_new_tokens=200, min_new_tokens=200), None, prompts[0]))
+        other = engine.submit(Handle(SamplingParams(max_new_tokens=40), None, prompts[1]))
+        events = doomed.events_sync(timeout=60)
+        seen = [next(events) for _ in range(5)]
+        doomed.cancel()
+        rest = list(events)
+        got = [ev[1] for ev in other.events_sync(timeout=60) if ev[0] == "token"]
+        time.sleep(0.2)
+    finally:
+        engine.shutdown(30)
+    assert all(ev[0] == "token" for ev in seen)
+    assert rest[-1] == ("done", "cancelled") and len(rest) < 200 and doomed.queue.empty()
+    assert got == want
+    assert engine.chained_steps > 0
