@@ -192,15 +192,15 @@ def test_pooled_admission_keeps_every_answer(plain):
     take a round each), and every answer still equals the eager path's."""
     from internvl_worker.serve.metrics import Metrics
 
-    jobs = [(_prepared(plain, "What is the red?"), 40), (_prepared(plain, "And the green?"), 5), (_prepared(plain, "Blue?"), 7)]
+    jobs = [(_prepared(plain, "What is the red?"), 80), (_prepared(plain, "And the green?"), 5), (_prepared(plain, "Blue?"), 7)]
     metrics = Metrics()
     eager = Engine(plain, max_batch_size=4, decode="eager", max_total_tokens=512)
-    pooled = Engine(plain, max_batch_size=4, decode="static", max_total_tokens=512, metrics=metrics, waiting_served_ratio=10.0, max_waiting_tokens=15)
+    pooled = Engine(plain, max_batch_size=4, decode="static", max_total_tokens=512, metrics=metrics, waiting_served_ratio=10.0, max_waiting_tokens=40)
     for e in (eager, pooled):
         e.start()
     try:
         want = _run(eager, jobs)
-        long = pooled.submit(Handle(SamplingParams(max_new_tokens=40, min_new_tokens=40), None, jobs[0][0]))
+        long = pooled.submit(Handle(SamplingParams(max_new_tokens=80, min_new_tokens=80), None, jobs[0][0]))
         long_events = long.events_sync(timeout=120)
         first = next(long_events)  # the long request is running
         short = []
