@@ -124,3 +124,13 @@ def test_fused_prefill_writes_the_cache_transformers_would(arch):
         torch.testing.assert_close(step[0], ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="over 3 slots"):
         dec.prefill(embeds, 2, [6, 2])
+
+
+def test_liger_norms_only_for_llama_style_rmsnorm():
+    """Liger's RMSNorm (Llama casting, no offset) replaces only the norms it equals; others keep their code."""
+    class OffsetRMSNorm(torch.nn.Module):  # e.g. Gemma's x * (1 + weight)
+        pass
+
+    odd = OffsetRMSNorm()
+    assert fused._liger_norm(odd) is odd
+    assert fused._LLAMA_NORMS >= {"Qwen2RMSNorm", "LlamaRMSNorm", "Qwen3RMSNorm"}

@@ -88,8 +88,14 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+_LLAMA_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}  # x * rsqrt(mean(x^2) + eps) in fp32, times weight
+
+
 def _liger_norm(module):
-    """A transformers RMSNorm module's computation through Liger's kernel (Llama casting: fp32 inside)."""
+    """A transformers RMSNorm module's computation through Liger's kernel (Llama casting: fp32 inside); a norm
+    of another kind keeps its own code."""
+    if type(module).__name__ not in _LLAMA_NORMS:
+        return module
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
     weight, eps = module.weight, getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))

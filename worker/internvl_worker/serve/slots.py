@@ -124,9 +124,9 @@ class SlotDecoder:
         shape = (slots, kv_heads, max_len, head_dim)
         self.layers = [_SlotLayer(torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(n_layers)]
         self.cache = _SlotCache(self.layers)
-        # Static inputs and output: graphs read and write these addresses.
-        # Static inputs, one (tokens, positions) buffer so a step's inputs arrive in one copy.
-        # Rows: token, position, and 1 while the row is under min_new_tokens (its stop tokens are masked).
+        # Static inputs and outputs: graphs read and write these addresses. The inputs are one buffer, so a
+        # step's arrive in one copy: token, position, and 1 while the row is under min_new_tokens (its stop
+        # tokens are masked in the greedy pick).
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=self.device)
         self.ids, self.pos, self.early = self._inputs[0], self._inputs[1], self._inputs[2]
         self.rows = torch.arange(slots, device=self.device)
