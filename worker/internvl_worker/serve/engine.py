@@ -312,6 +312,8 @@ def admit_now(waiting: int, running: int, steps_waited: int, *, ratio: float, ma
     if waiting == 0:
         return False
     return running == 0 or waiting >= ratio * running or steps_waited >= max_steps
+
+
 PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward (slot path)
 VISION_TILES = 64  # 448-px tiles per vision-tower forward when the engine encodes a group's images (slot path)
 
@@ -595,9 +597,8 @@ class Engine:
                 except Exception as e:
                     self._fail([r for r, _ in group], "prefill", e)
                 else:
-                    if caches is None:  # written straight into the next slots: rows that already ended leave
-                        self._batch.rows.extend(r for r, _ in group)
-                        self._batch.keep([i for i, r in enumerate(self._batch.rows) if not r.done])
+                    if caches is None:
+                        self._batch.add_prefilled([r for r, _ in group])
                     else:
                         live = [i for i, (r, _) in enumerate(group) if not r.done]
                         self._batch.add([group[i][0] for i in live], [caches[i] for i in live])
@@ -645,11 +646,10 @@ class Engine:
         for i, (_, e) in enumerate(group):
             embeds[i, : e.shape[0]] = e
         rows = [r for r, _ in group]
+        for r, n in zip(rows, lengths):
+            r.pos = n
         if self._slots is not None and self._slots.fused is not None:
-            logits = self._slots.prefill(embeds, len(self._batch), [n - 1 for n in lengths])
-            for r, n in zip(rows, lengths):
-                r.pos = n
-            self._accept(rows, logits)
+            self._accept(rows, self._slots.prefill(embeds, len(self._batch), [n - 1 for n in lengths]))
             return None
         device = self.sm.device
         cache = DynamicCache()
@@ -657,8 +657,6 @@ class Engine:
         out = lm(inputs_embeds=embeds, position_ids=torch.arange(width, device=device)[None].expand(len(group), width), use_cache=True, **{self._cache_kw: cache})
         last = torch.tensor([n - 1 for n in lengths], device=device)
         hidden = out.last_hidden_state[torch.arange(len(group), device=device), last]
-        for r, n in zip(rows, lengths):
-            r.pos = n
         self._accept(rows, self.sm.model.lm_head(hidden))
         # Each row's padded columns go into its slot too: decode overwrites column `pos` before any
         # step's mask (`column <= pos`) lets it be read.
@@ -741,14 +739,9 @@ class Engine:
                 out = self.sm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache()})
             batch.advance(1)
             logits = out.logits[:, -1]
-        for r in rows:
-            r.pos += 1
-        self.steps += 1
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(rows))
         # The previous step's events go to the event loop once this step is queued on the GPU: the loop
         # streams them while the GPU computes, and the next launch does not wait behind the loop for the GIL.
-        self._accept(rows, logits, while_waiting=self._flush)
+        self._took_step(rows, logits=logits, while_waiting=self._flush)
         batch.keep([i for i, r in enumerate(rows) if not r.done])
 
     def _greedy_slot_step(self, batch: "SlotBatch", rows: list[_Row]) -> None:
@@ -793,13 +786,15 @@ class Engine:
         self._took_step([rows[i] for i in live], ([tokens[i] for i in live], [logprobs[i] for i in live]))
         self._batch.keep([i for i, r in enumerate(rows) if not r.done])
 
-    def _took_step(self, rows: list[_Row], picked) -> None:
+    def _took_step(self, rows: list[_Row], picked=None, logits=None, while_waiting=None) -> None:
+        """A decode step's bookkeeping: positions on, counters, then its tokens (`picked` by the step, or
+        chosen here from `logits`)."""
         for r in rows:
             r.pos += 1
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(rows))
-        self._accept(rows, None, picked=picked)
+        self._accept(rows, logits, while_waiting=while_waiting, picked=picked)
 
     def _accept(self, rows: list[_Row], logits, while_waiting=None, picked=None) -> None:
         tokens, logprobs = picked if picked is not None else next_tokens(logits, [r.state for r in rows], self.stop_ids, while_waiting)
@@ -854,6 +849,12 @@ class SlotBatch:
         for row, kv in zip(rows, caches):
             self.decoder.write_prompt(len(self.rows), kv)
             self.rows.append(row)
+
+    def add_prefilled(self, rows: list) -> None:
+        """Rows whose prompts SlotDecoder.prefill already wrote into the next slots; those that ended on their
+        first token leave again."""
+        self.rows.extend(rows)
+        self.keep([i for i, r in enumerate(self.rows) if not r.done])
 
     def keep(self, indices: list[int]) -> None:
         if len(indices) == len(self.rows):

@@ -119,16 +119,12 @@ def next_tokens(logits, states: list[RowState], stop_ids: list[int], while_waiti
 
 
 def to_host(tokens, chosen, while_waiting=None) -> tuple[list[int], list[float]]:
-    """The step's tokens and log-probabilities as Python lists. On a GPU the wait for them happens with the
-    GIL released (CUDA event synchronize): `.tolist()` on a CUDA tensor would hold it for the whole step,
-    and the HTTP event loop, which streams every token, could not run while the GPU computes.
-    `while_waiting()` runs after the copies are queued and before the wait (the engine hands the previous
-    step's tokens to the event loop there, so the loop streams them while the GPU computes this step)."""
+    """The step's tokens and log-probabilities as Python lists, copied to pinned host memory and waited for
+    with `wait_for` (GIL released)."""
     import torch
 
     if tokens.device.type != "cuda":
-        if while_waiting is not None:
-            while_waiting()
+        wait_for(None, while_waiting)
         return tokens.tolist(), chosen.tolist()
     host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
     host_chosen = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
@@ -136,7 +132,18 @@ def to_host(tokens, chosen, while_waiting=None) -> tuple[list[int], list[float]]
     host_chosen.copy_(chosen, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
+    wait_for(done, while_waiting)
+    return host_tokens.tolist(), host_chosen.tolist()
+
+
+def wait_for(done, while_waiting=None) -> None:
+    """Run `while_waiting()`, then wait for the CUDA event `done` (None on a CPU: nothing to wait for).
+
+    The wait releases the GIL (an event synchronize), where `.tolist()` on a CUDA tensor would hold it for
+    the whole step and the HTTP event loop, which streams every token, could not run while the GPU computes.
+    `while_waiting` is where the engine hands the previous step's tokens to the event loop, so the loop
+    streams them while the GPU computes this step."""
     if while_waiting is not None:
         while_waiting()
-    done.synchronize()
-    return host_tokens.tolist(), host_chosen.tolist()
+    if done is not None:
+        done.synchronize()

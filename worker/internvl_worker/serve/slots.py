@@ -311,13 +311,12 @@ class SlotDecoder:
         return host, done
 
     def finish_read(self, read, while_waiting=None) -> tuple[list[int], list[float]]:
-        """(tokens, log-probabilities) of a `start_read`, as Python lists. The wait releases the GIL (a CUDA
-        event); `while_waiting()` runs before it (see sampling.to_host)."""
+        """(tokens, log-probabilities) of a `start_read`, as Python lists (sampling.wait_for: `while_waiting()`
+        runs first, and the wait releases the GIL)."""
+        from .sampling import wait_for
+
         host, done = read
-        if while_waiting is not None:
-            while_waiting()
-        if done is not None:
-            done.synchronize()
+        wait_for(done, while_waiting)
         tokens, logprobs = host.tolist()
         return [int(t) for t in tokens], logprobs
 
