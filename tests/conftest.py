@@ -39,3 +39,16 @@ def tiny(tiny_model_dir):
     from internvl_worker.modeling import load_model
 
     return load_model(tiny_model_dir, dtype="fp32", device_map=None if _has_cuda() is False else {"": "cpu"})
+
+
+@pytest.fixture(scope="session")
+def sft_dataset(tiny):
+    """conversations -> the tiny model's SftDataset over them (rows as the data loader gives them; no
+    length budget), for tests that build their own batches."""
+    from internvl_worker.train import SftDataset
+
+    class Row:
+        def __init__(self, conv):
+            self.conversation = conv
+
+    return lambda conversations: SftDataset([Row(c) for c in conversations], tiny.template, [0] * len(conversations))

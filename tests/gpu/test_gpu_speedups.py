@@ -14,7 +14,7 @@ import torch
 
 from internvl_worker.speedups import compile_decoder_layers, language_model, setup_liger
 from internvl_worker.templates import Conversation
-from internvl_worker.train import SftDataset, answer_loss_sum, collate
+from internvl_worker.train import answer_loss_sum, collate
 
 pytestmark = pytest.mark.gpu
 
@@ -27,22 +27,17 @@ BF16_ERROR_FACTOR, BF16_FLOOR, BF16_GRAD_CAP = 1.5, 1e-3, 0.2
 
 
 @pytest.fixture(scope="module")
-def batch(tiny, tmp_path_factory):
+def batch(tiny, sft_dataset, tmp_path_factory):
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("gpu-rows")
     Image.new("RGB", (60, 20), (10, 200, 10)).save(folder / "g.png")
-
-    class Row:
-        def __init__(self, conv):
-            self.conversation = conv
-
     convs = [
         Conversation(turns=[("What color?", "green and then some more words to answer")], images=[str(folder / "g.png")]),
         Conversation(turns=[("Say something longer, please.", "one two three four five six seven eight nine ten")]),
         Conversation(turns=[("Hi.", "yes")]),
     ]
-    ds = SftDataset([Row(c) for c in convs], tiny.template, [0] * len(convs))
+    ds = sft_dataset(convs)
     out = collate([ds[i] for i in range(len(ds))], tiny.template.tokenizer.pad_token_id)
     return {k: v.cuda() for k, v in out.items()}
 

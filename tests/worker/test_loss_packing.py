@@ -4,27 +4,22 @@ import pytest
 import torch
 
 from internvl_worker.templates import Conversation
-from internvl_worker.train import SftDataset, answer_loss_sum, collate
+from internvl_worker.train import answer_loss_sum, collate
 
 
 @pytest.fixture(scope="module")
-def batch_rows(tiny, tmp_path_factory):
+def batch_rows(sft_dataset, tmp_path_factory):
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("rows")
     Image.new("RGB", (60, 20), (10, 200, 10)).save(folder / "g.png")
     Image.new("RGB", (30, 30), (10, 10, 200)).save(folder / "b.png")
-
-    class Row:
-        def __init__(self, conv):
-            self.conversation = conv
-
     convs = [
         Conversation(turns=[("What color?", "green")], images=[str(folder / "g.png")]),
         Conversation(turns=[("Say something longer, please.", "one two three four five six")]),  # text only
         Conversation(turns=[("<image> vs <image>", "blue then green"), ("again?", "yes")], images=[str(folder / "b.png"), str(folder / "g.png")]),
     ]
-    ds = SftDataset([Row(c) for c in convs], tiny.template, lengths=[0, 0, 0])
+    ds = sft_dataset(convs)
     return [ds[i] for i in range(len(ds))]
 
 

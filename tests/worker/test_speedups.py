@@ -19,7 +19,7 @@ from internvl_worker.cli import build_parser
 from internvl_worker.sft_args import SftArguments, from_namespace
 from internvl_worker.speedups import compile_decoder_layers, setup_liger
 from internvl_worker.templates import Conversation
-from internvl_worker.train import SftDataset, answer_loss_sum, collate, run_sft
+from internvl_worker.train import answer_loss_sum, collate, run_sft
 
 from .synth import color_dataset
 
@@ -63,7 +63,7 @@ def test_sft_with_liger_flag_but_no_liger_trains_on_the_plain_path(tiny_model_di
 
 
 @pytest.mark.slow
-def test_compiled_decoder_layers_match_eager_with_one_graph(tiny, tmp_path):
+def test_compiled_decoder_layers_match_eager_with_one_graph(tiny, sft_dataset, tmp_path):
     """One graph for both layers and two sequence lengths (dynamic shapes, no recompiles), with gradient
     checkpointing on; parameter names unchanged (checkpoints load as before); the eager model's loss and
     gradients. aot_eager traces what inductor would compile, without the minutes of C++ code generation."""
@@ -71,17 +71,12 @@ def test_compiled_decoder_layers_match_eager_with_one_graph(tiny, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (60, 20), (10, 200, 10)).save(img := str(tmp_path / "g.png"))
-
-    class Row:
-        def __init__(self, conv):
-            self.conversation = conv
-
     rows = [
         Conversation(turns=[("What color?", "green")], images=[img]),
         Conversation(turns=[("Say something longer, please.", "one two three four five six")]),
         Conversation(turns=[("Hi.", "yes")]),
     ]
-    ds = SftDataset([Row(c) for c in rows], tiny.template, [0, 0, 0])
+    ds = sft_dataset(rows)
     pad = tiny.template.tokenizer.pad_token_id
     # Two padded batches of two rows and different lengths. (Dynamo specialises a batch of 1, and a batch
     # without padding passes no attention mask: each of those compiles one more graph, once.)
@@ -132,21 +127,16 @@ def test_offload_flag_parses_defaults_off_and_refuses_zero3(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def offload_batch(tiny, tmp_path_factory):
+def offload_batch(tiny, sft_dataset, tmp_path_factory):
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("offload")
     Image.new("RGB", (60, 20), (10, 200, 10)).save(folder / "g.png")
-
-    class Row:
-        def __init__(self, conv):
-            self.conversation = conv
-
     rows = [
         Conversation(turns=[("What color?", "green and some more words")], images=[str(folder / "g.png")]),
         Conversation(turns=[("Say something longer, please.", "one two three four five six")]),
     ]
-    ds = SftDataset([Row(c) for c in rows], tiny.template, [0, 0])
+    ds = sft_dataset(rows)
     return collate([ds[0], ds[1]], tiny.template.tokenizer.pad_token_id)
 
 
