@@ -3,8 +3,9 @@
     python bench/decode_kernels.py [--batch 1] [--length 1024]
 
 InternVL3-1B shape, random weights, bf16, the serving decode path (fixed slots, fused layers, Liger's kernels
-when installed), one GPU. The graph is replayed under torch.profiler (CUPTI sees the kernels inside CUDA
-graphs); prints a table and the step's total kernel time against its wall time.
+when installed), one GPU, once with SDPA attention and once with our Triton kernels (serve/kernels.py). The
+graph is replayed under torch.profiler (CUPTI sees the kernels inside CUDA graphs); prints a table and the
+step's total kernel time against its wall time for each.
 """
 
 from __future__ import annotations
@@ -25,18 +26,26 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--length", type=int, default=1024, help="KV columns of the step (a length bucket)")
     ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--variants", default="sdpa,triton", help="attention of the step, each measured in turn: sdpa (cuDNN first), triton (kernels.py)")
     args = ap.parse_args()
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from gpu.test_serve_graphs import _served_1b
     from internvl_worker import speedups
-    from internvl_worker.serve.slots import SlotDecoder
 
     sm = _served_1b()
     liger = speedups.liger_unavailable() is None
+    for variant in args.variants.split(","):
+        table(sm, args, liger, variant)
+    return 0
+
+
+def table(sm, args, liger: bool, variant: str) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from internvl_worker.serve.slots import SlotDecoder
+
     with torch.inference_mode():
-        dec = SlotDecoder(sm.model, slots=max(args.batch, 1), max_len=args.length, liger=liger)
+        dec = SlotDecoder(sm.model, slots=max(args.batch, 1), max_len=args.length, liger=liger, triton=variant == "triton")
         positions = [args.length - 2] * args.batch
         dec.step([0] * args.batch, positions)  # captures this bucket's graph
         torch.cuda.synchronize()
@@ -57,12 +66,11 @@ def main() -> int:
             k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     total_us = sum(v[1] for v in kernels.values()) / args.replays
     count = sum(v[0] for v in kernels.values()) / args.replays
-    print(f"{torch.cuda.get_device_name()}: batch {args.batch}, {args.length} columns, liger={liger}, fused={dec.fused is not None}")
+    print(f"\n{torch.cuda.get_device_name()}: {variant}, batch {args.batch}, {args.length} columns, liger={liger}, fused={dec.fused is not None}, triton={dec.triton_why or 'on'}")
     print(f"per step: {count:.0f} kernels, {total_us / 1e3:.3f} ms of kernel time, {wall:.3f} ms wall (step + its host copy)")
     print(f"{'per step':>8} {'us/step':>8} {'us each':>8}  kernel")
     for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:40]:
         print(f"{n / args.replays:8.1f} {us / args.replays:8.1f} {us / n:8.2f}  {name}")
-    return 0
 
 
 if __name__ == "__main__":

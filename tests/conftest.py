@@ -17,6 +17,12 @@ def _has_cuda() -> bool:
         return False
 
 
+# Without a GPU, Triton kernels (serve/kernels.py) run in Triton's interpreter on CPU tensors. It must be on
+# before triton is first imported: triton's own library functions are built for it at import time.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

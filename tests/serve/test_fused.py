@@ -39,14 +39,19 @@ def _text_config(arch: str, **over):
     return LlamaConfig(**common, **over)
 
 
+@pytest.mark.parametrize("own_kernels", [False, True], ids=["aten", "triton"])
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "llama-bias"])
-def test_fused_step_equals_the_model_forward(arch):
+def test_fused_step_equals_the_model_forward(arch, own_kernels):
     """Two rows of different lengths, three steps, then a compaction: each step's logits equal a no-cache
-    forward of the model, and the fused path is the one that ran."""
+    forward of the model, and the fused path is the one that ran (with our own Triton kernels: in the
+    interpreter on a CPU machine)."""
+    if own_kernels:
+        pytest.importorskip("triton")
     model = _internvl(_text_config(arch))
     lm = model.model.language_model
-    dec = slots.SlotDecoder(model, slots=3, max_len=300, use_graphs=False)
+    dec = slots.SlotDecoder(model, slots=3, max_len=300, use_graphs=False, triton=own_kernels)
     assert dec.fused is not None, dec.fused_why
+    assert (dec.fused.kernels is not None) == own_kernels, dec.triton_why
     # the modules' weights are views into the fused tensors: nothing is stored twice
     first = dec.fused.layers[0]
     attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
@@ -84,6 +89,7 @@ def test_unsupported_language_models_say_why():
     dynamic = _internvl(_text_config("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}))
     assert "RoPE type 'dynamic'" in fused.unsupported(dynamic.model.language_model)
 
+    assert "'dynamic'" in slots.SlotDecoder(dynamic, slots=1, max_len=256, use_graphs=False, triton=True).triton_why
     gelu = _internvl(_text_config("llama", hidden_act="gelu"))
     assert "activation 'gelu'" in fused.unsupported(gelu.model.language_model)
 

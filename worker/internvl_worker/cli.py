@@ -237,7 +237,7 @@ def cmd_serve(args) -> int:
             max_tiles=args.max_tiles, request_timeout=args.request_timeout, image_timeout=args.image_timeout,
             allow_private_image_urls=args.allow_private_image_urls, dtype=args.dtype, use_flash_attn=args.use_flash_attn,
             preprocess_workers=args.preprocess_workers, graceful_timeout=args.graceful_timeout, decode=args.decode,
-            kv_cache_fraction=args.kv_cache_fraction, compile=args.compile, use_liger_kernel=args.use_liger_kernel,
+            kv_cache_fraction=args.kv_cache_fraction, compile=args.compile, use_liger_kernel=args.use_liger_kernel, triton_decode=args.triton_decode,
             waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens, image_cache_mb=args.image_cache_mb,
         )  # fmt: skip
         cfg.validate()
@@ -405,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
         "slots without graphs. eager: a growing batch cache, one Python call per layer per step (what adapters use)",
     )  # fmt: skip
     g.add_argument("--use_liger_kernel", type=str2bool, default=None, metavar="BOOL", help="Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the language model on the CUDA-graph path: fewer kernels a decode step (default: on when liger-kernel is installed)")
+    g.add_argument(
+        "--triton-decode", dest="triton_decode", type=str2bool, default=None, metavar="BOOL",
+        help="our own Triton kernels in the fused decode step on a GPU: split-KV attention (each row reads only its own columns, "
+        "spread over many SMs), RoPE with the KV write, SiLU x up (default: on where they run; false: SDPA attention)",
+    )  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (fuses its small kernels) before capturing the CUDA graphs; start-up takes about a minute longer")
     g.add_argument("--image-cache-mb", dest="image_cache_mb", type=float, default=512, help="GPU memory (MiB) for the vision features of recent images, by content: an image sent again (chat clients resend the conversation each turn) skips decoding, tiling and the vision tower; 0: off. Off anyway when adapters touch the vision tower")
     g.add_argument("--kv-cache-fraction", dest="kv_cache_fraction", type=float, default=0.5, help="share of the GPU memory free after loading that the decode slots may take (each slot holds --max-total-tokens tokens); fewer slots than --max-batch-size fit -> the batch is capped, and /info says so")

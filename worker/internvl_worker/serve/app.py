@@ -84,6 +84,7 @@ class ServeConfig:
     kv_cache_fraction: float = 0.5  # of the GPU memory free after loading, for the decode slots' KV cache
     compile: bool = False  # torch.compile the slot decode step before capturing its graphs
     use_liger_kernel: bool | None = None  # None: Liger's kernels on the slot path when installed
+    triton_decode: bool | None = None  # None: our own Triton decode kernels (serve/kernels.py) where they run
     waiting_served_ratio: float = 0.3  # engine.admit_now: admit when waiting >= ratio x running ...
     max_waiting_tokens: int = 20  # ... or after this many decode steps
     image_cache_mb: float = 512.0  # vision features of recent images, by content (imagecache.py); 0: off
@@ -184,7 +185,7 @@ class Server:
             self.engine = Engine(
                 self.sm, max_batch_size=self.cfg.max_batch_size, metrics=self.metrics, max_total_tokens=self.limits.max_total_tokens,
                 decode=self.cfg.decode, kv_cache_fraction=self.cfg.kv_cache_fraction, compile=self.cfg.compile,
-                liger=self.cfg.use_liger_kernel, waiting_served_ratio=self.cfg.waiting_served_ratio, max_waiting_tokens=self.cfg.max_waiting_tokens,
+                liger=self.cfg.use_liger_kernel, triton_decode=self.cfg.triton_decode, waiting_served_ratio=self.cfg.waiting_served_ratio, max_waiting_tokens=self.cfg.max_waiting_tokens,
             )  # fmt: skip
             self.engine.start()
             log.info(json.dumps({"event": "model_loaded", "model": self.sm.name, "adapters": sorted(self.sm.adapters), "seconds": round(time.monotonic() - t0, 2)}))

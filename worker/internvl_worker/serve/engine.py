@@ -324,6 +324,7 @@ class Engine:
     def __init__(
         self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5,
         compile: bool = False, liger: bool | None = None, fused_layers: bool = True, waiting_served_ratio: float = 0.3, max_waiting_tokens: int = 20,
+        triton_decode: bool | None = None,
     ):  # fmt: skip
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
@@ -336,6 +337,7 @@ class Engine:
         self.compile = compile
         self.liger = liger  # None: Liger's kernels on the slot path when installed (and on a GPU)
         self.fused_layers = fused_layers  # fused.py's decode layers where the architecture allows
+        self.triton_decode = triton_decode  # None: our own Triton kernels (kernels.py) in them where they run
         self.waiting_served_ratio, self.max_waiting_tokens = waiting_served_ratio, max_waiting_tokens  # see admit_now
         self._steps_waited = 0  # decode steps since requests started waiting with a batch running
         self._ahead = None  # a greedy slot step queued before the last one was read (SlotDecoder.step_chained)
@@ -454,11 +456,14 @@ class Engine:
         t0 = time.monotonic()
         dec = slots.SlotDecoder(
             sm.model, slots=rows, max_len=self.max_total_tokens, use_graphs=mode != "static", compile=self.compile, fused=self.fused_layers,
-            stop_ids=self.stop_ids, liger=kernels == "liger",
+            stop_ids=self.stop_ids, liger=kernels == "liger", triton=cuda and self.triton_decode is not False,
         )  # fmt: skip
+        if self.triton_decode and (not cuda or dec.triton_why is not None):
+            log.warning("--triton-decode true but %s: decoding with SDPA attention", dec.triton_why if cuda else "no CUDA device")
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
             "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "layers": "fused" if dec.fused is not None else "transformers",
+            "attention": "triton split-KV" if dec.fused is not None and dec.fused.kernels is not None else "sdpa",
             "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
             "kv_cache_gb": round(dec.bytes / 1e9, 2), "graphs": graphs, "capture_s": round(time.monotonic() - t0, 2),
         }  # fmt: skip

@@ -122,13 +122,41 @@ class _Layer:
             self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
-class FusedLayers:
-    """The decode step over fixed KV slots (see slots.py) with the layers above."""
+# Architectures whose RoPE is transformers' rotate-half form, the layout kernels.rope_store computes.
+_ROTATE_HALF = ("llama", "qwen2", "qwen3", "mistral")
 
-    def __init__(self, lm, liger: bool = False):
-        why = unsupported(lm)
+
+def triton_unsupported(lm) -> str | None:
+    """Why the step cannot use our own Triton kernels (kernels.py) for this language model (None when it can)."""
+    import importlib.util
+
+    why = unsupported(lm)
+    if why:
+        return why
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    module = type(lm.layers[0].self_attn).__module__.rsplit(".", 1)[-1]
+    if module.removeprefix("modeling_") not in _ROTATE_HALF:
+        return f"{module}: RoPE layout not known to be rotate-half"
+    cfg = lm.config
+    if (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) % 2:
+        return "odd head dim"
+    return None
+
+
+class FusedLayers:
+    """The decode step over fixed KV slots (see slots.py) with the layers above. With `triton=True` RoPE with
+    the KV write, the attention and SiLU x up are our own kernels (kernels.py)."""
+
+    def __init__(self, lm, liger: bool = False, triton: bool = False):
+        why = triton_unsupported(lm) if triton else unsupported(lm)
         if why:
             raise ValueError(f"fused decode layers: {why}")
+        self.kernels = None
+        if triton:
+            from . import kernels
+
+            self.kernels = kernels
         cfg = lm.config
         self.lm = lm
         self.heads = cfg.num_attention_heads
@@ -143,21 +171,26 @@ class FusedLayers:
         x = layer.norm1(h)
         return torch.addmm(layer.qkv_b, x, layer.qkv_w.t()) if layer.qkv_b is not None else torch.mm(x, layer.qkv_w.t())
 
-    def _finish_layer(self, layer, h, attn) -> None:
-        """Output projection and MLP, each added into the residual stream `h` (rows, hidden) in place."""
+    def _finish_layer(self, layer, h, attn, own_kernels: bool = False) -> None:
+        """Output projection and MLP, each added into the residual stream `h` (rows, hidden) in place.
+        own_kernels: SiLU x up by kernels.py (decode steps; the eager prefill keeps aten's cheaper launches)."""
         h.addmm_(attn, layer.o_w.t())  # h += attention @ W_o^T: the residual add inside the GEMM
         if layer.o_b is not None:
             h += layer.o_b
         x = layer.norm2(h)
         gate_up = torch.addmm(layer.gate_up_b, x, layer.gate_up_w.t()) if layer.gate_up_b is not None else torch.mm(x, layer.gate_up_w.t())
-        act = torch.nn.functional.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+        if own_kernels:
+            act = self.kernels.silu_mul(gate_up, self.inter)
+        else:
+            act = torch.nn.functional.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
         h.addmm_(act, layer.down_w.t())
         if layer.down_b is not None:
             h += layer.down_b
 
     def forward(self, ids, pos, bias, slots: list, rows, length: int):
         """One decode step. ids, pos: (b,) tokens and positions; bias: (b, 1, 1, length) additive mask (0 or
-        -inf); slots: per layer (keys, values) buffers (slots, kv_heads, max_len, head_dim); rows: arange(b).
+        -inf; unused with our own kernels, which read each row's columns up to its position); slots: per layer
+        (keys, values) buffers (slots, kv_heads, max_len, head_dim); rows: arange(b).
         Returns the final-normed hidden states (b, hidden)."""
         b, nq, nkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         qw, kw = nq * hd, nkv * hd
@@ -168,6 +201,10 @@ class FusedLayers:
             q, k, v = qkv[:, :qw].view(b, nq, hd), qkv[:, qw : qw + kw].view(b, nkv, hd), qkv[:, qw + kw :].view(b, nkv, hd)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
+            if self.kernels is not None:
+                q = self.kernels.rope_store(q, k, v, cos[:, 0], sin[:, 0], pos, keys, values)
+                self._finish_layer(layer, h, self.kernels.decode_attention(q, keys, values, pos, layer.scale, length), own_kernels=True)
+                continue
             q, k = layer.rope(q[:, :, None], k[:, :, None], cos, sin)  # (b, heads, 1, hd)
             keys[:b][rows, :, pos] = k[:, :, 0]
             values[:b][rows, :, pos] = v

@@ -108,7 +108,7 @@ class _SlotCache:
 class SlotDecoder:
     """Fixed KV buffers for `slots` requests of up to `max_len` tokens, and the decode step over them."""
 
-    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None, compile: bool = False, fused: bool = True, stop_ids: list[int] | None = None, liger: bool = False):
+    def __init__(self, model, *, slots: int, max_len: int, use_graphs: bool | None = None, compile: bool = False, fused: bool = True, stop_ids: list[int] | None = None, liger: bool = False, triton: bool = False):
         import torch
 
         from . import fused as fused_layers
@@ -145,7 +145,9 @@ class SlotDecoder:
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
         # Fewer kernels a layer (fused.py) where the architecture allows; transformers' layers otherwise.
         self.fused_why = fused_layers.unsupported(self.lm) if fused else "turned off"
-        self.fused = fused_layers.FusedLayers(self.lm, liger=liger) if self.fused_why is None else None
+        # Our own Triton kernels (kernels.py: split-KV attention, RoPE with the KV write, SiLU x up) in them.
+        self.triton_why = (fused_layers.triton_unsupported(self.lm) if triton else "turned off") if self.fused_why is None else self.fused_why
+        self.fused = fused_layers.FusedLayers(self.lm, liger=liger, triton=self.triton_why is None) if self.fused_why is None else None
         self._slot_kv = [(layer.keys, layer.values) for layer in self.layers]
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], object] = {}
@@ -264,10 +266,14 @@ class SlotDecoder:
         import torch
 
         pos = self.pos[:b]
-        allowed = (self.columns[:length][None, :] <= pos[:, None])[:, None, None, :]  # (b, 1, 1, L)
+        if self.fused is None or self.fused.kernels is None:
+            allowed = (self.columns[:length][None, :] <= pos[:, None])[:, None, None, :]  # (b, 1, 1, L)
         if self.fused is not None:
-            # One additive mask for every layer (a boolean one is converted inside each attention call).
-            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+            # One additive mask for every layer (a boolean one is converted inside each attention call); our
+            # own attention kernel needs none.
+            bias = None
+            if self.fused.kernels is None:
+                bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
             hidden = self.fused.forward(self.ids[:b], pos, bias, self._slot_kv, self.rows[:b], length)
         else:
             for layer in self.layers:
