@@ -43,24 +43,24 @@ def _rope_store_kernel(
     s1 = tl.load(sin_ptr + row * s_cb + d, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + row * s_cb + HALF + d, mask=mask, other=0.0).to(tl.float32)
     if head < NQ:
-        src = q_ptr + row * s_qb + head * s_qh
-        x1 = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + d, mask=mask, other=0.0).to(tl.float32)
-        dst = q_out_ptr + (row * NQ + head) * (2 * HALF)  # (b, NQ, head_dim) contiguous
-        tl.store(dst + d, (x1 * c1 - x2 * s1).to(q_out_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF + d, (x2 * c2 + x1 * s2).to(q_out_ptr.dtype.element_ty), mask=mask)
-    else:
+        q_src = q_ptr + row * s_qb + head * s_qh
+        q1 = tl.load(q_src + d, mask=mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_src + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        q_dst = q_out_ptr + (row * NQ + head) * (2 * HALF)  # (b, NQ, head_dim) contiguous
+        tl.store(q_dst + d, (q1 * c1 - q2 * s1).to(q_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_dst + HALF + d, (q2 * c2 + q1 * s2).to(q_out_ptr.dtype.element_ty), mask=mask)
+    else:  # (each branch names its own variables: compiled Triton wants one type per name across branches)
         kv = head - NQ
         pos = tl.load(pos_ptr + row)
-        src = k_ptr + row * s_kb + kv * s_kh
-        x1 = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + d, mask=mask, other=0.0).to(tl.float32)
-        dst = row * s_slot + kv * s_head + pos * s_col  # row i lives in slot i
-        tl.store(keys_ptr + dst + d, (x1 * c1 - x2 * s1).to(keys_ptr.dtype.element_ty), mask=mask)
-        tl.store(keys_ptr + dst + HALF + d, (x2 * c2 + x1 * s2).to(keys_ptr.dtype.element_ty), mask=mask)
-        vsrc = v_ptr + row * s_vb + kv * s_vh
-        tl.store(values_ptr + dst + d, tl.load(vsrc + d, mask=mask, other=0.0), mask=mask)
-        tl.store(values_ptr + dst + HALF + d, tl.load(vsrc + HALF + d, mask=mask, other=0.0), mask=mask)
+        k_src = k_ptr + row * s_kb + kv * s_kh
+        k1 = tl.load(k_src + d, mask=mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_src + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        column = row * s_slot + kv * s_head + pos * s_col  # row i lives in slot i
+        tl.store(keys_ptr + column + d, (k1 * c1 - k2 * s1).to(keys_ptr.dtype.element_ty), mask=mask)
+        tl.store(keys_ptr + column + HALF + d, (k2 * c2 + k1 * s2).to(keys_ptr.dtype.element_ty), mask=mask)
+        v_src = v_ptr + row * s_vb + kv * s_vh
+        tl.store(values_ptr + column + d, tl.load(v_src + d, mask=mask, other=0.0), mask=mask)
+        tl.store(values_ptr + column + HALF + d, tl.load(v_src + HALF + d, mask=mask, other=0.0), mask=mask)
 
 
 def rope_store(q, k, v, cos, sin, pos, keys, values) -> torch.Tensor:
