@@ -63,10 +63,18 @@ def test_internvl3_1b_triton_step_equals_the_sdpa_step():
             b.values.copy_(a.values.normal_())
         tokens, positions = [11, 2000, 7, 99], [1000, 3, 517, 64]
         got, want = ours.step(tokens, positions).float(), ref.step(tokens, positions).float()
-        for a, b in zip(ours.layers, ref.layers):  # both wrote the same new keys/values
-            torch.testing.assert_close(a.keys, b.keys, rtol=2e-2, atol=2e-2)
+        # the new key of each row in every layer: relative difference (bf16 noise grows through the layers)
+        rel = []
+        for a, b in zip(ours.layers, ref.layers):
+            new_a = torch.stack([a.keys[i, :, p] for i, p in enumerate(positions)]).float()
+            new_b = torch.stack([b.keys[i, :, p] for i, p in enumerate(positions)]).float()
+            rel.append(((new_a - new_b).norm() / new_b.norm()).item())
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
-    print(f"triton vs SDPA step, bf16: logits cosine {cos.min().item():.6f}, max |diff| {(got - want).abs().max().item():.3f} of max |logit| {want.abs().max().item():.1f}")
+    print(
+        f"triton vs SDPA step, bf16: logits cosine {cos.min().item():.6f}, max |diff| {(got - want).abs().max().item():.3f} of max |logit| "
+        f"{want.abs().max().item():.1f}; new keys' relative difference: layer 0 {rel[0]:.2e}, worst layer {max(rel):.2e}"
+    )
+    assert rel[0] < 1e-2 and max(rel) < 5e-2
     assert cos.min() > 0.999
 
 
