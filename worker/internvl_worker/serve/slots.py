@@ -216,13 +216,15 @@ class SlotDecoder:
         # One host->device copy of (tokens, positions), from a pinned buffer allocated once (the engine
         # reads each step's results before the next, so the buffer is free again). Padding rows get
         # token 0 at position 0.
-        host = self._host[:, :b]
+        # The whole buffer goes, not the [:, :b] columns: a strided copy_ stages through a pageable temporary,
+        # and a copy from pageable memory waits for the GPU to finish all queued work first.
+        host = self._host
         host.zero_()
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(positions)
         if early is not None and any(early):
             host[2, :n] = torch.tensor(early)
-        self._inputs[:, :b].copy_(host, non_blocking=True)
+        self._inputs.copy_(host, non_blocking=True)
         self._launch(b, length)
         return self.logits[:n]
 
@@ -307,9 +309,13 @@ class SlotDecoder:
         """Queue the copy of the last step's greedy picks (rows 0..n-1) to the host; `finish_read` waits."""
         import torch
 
-        host = self._picked_hosts[self._flips[1]][:, :n]
+        host = self._picked_hosts[self._flips[1]]
         self._flips[1] ^= 1
-        host.copy_(self._picked[:, :n], non_blocking=True)
+        # The whole (contiguous) buffer: a strided [:, :n] copy would stage through pageable memory, which
+        # makes the copy wait for the step, and a chained step would no longer overlap the host's work
+        # (H100, batch 1: 1.43 ms between tokens for a 1.17 ms step).
+        host.copy_(self._picked, non_blocking=True)
+        host = host[:, :n]
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
