@@ -140,3 +140,34 @@ def test_liger_norms_only_for_llama_style_rmsnorm():
     odd = OffsetRMSNorm()
     assert fused._liger_norm(odd) is odd
     assert fused._LLAMA_NORMS >= {"Qwen2RMSNorm", "LlamaRMSNorm", "Qwen3RMSNorm"}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama-bias"])
+def test_chunked_prefill_equals_one_prefill(arch):
+    """A 23-token prompt prefilled in chunks of 7, 7, 7 and 2 into the scratch slot, then moved into slot 1,
+    holds the keys/values and gives the last-token logits of the whole prompt prefilled at once (slot 0) and
+    of transformers' forward; decoding on from slot 1 gives the forward's next logits."""
+    model = _internvl(_text_config(arch))
+    emb = model.get_input_embeddings()
+    dec = slots.SlotDecoder(model, slots=2, max_len=64, use_graphs=False)
+    assert dec.scratch == 2 and dec.layers[0].keys.shape[0] == 3  # one slot more than decode rows
+    prompt = [(7 * i + 3) % 110 + 5 for i in range(23)]
+    with torch.inference_mode():
+        embeds = emb(torch.tensor(prompt))
+        whole = dec.prefill(embeds[None], 0, [len(prompt) - 1])[0]
+        chunks = [(0, 7), (7, 14), (14, 21), (21, 23)]
+        for start, end in chunks:
+            got = dec.prefill_chunk(embeds[start:end], start, last=end == len(prompt))
+            assert (got is None) == (end < len(prompt))
+        dec.take_scratch(1, len(prompt))
+        ref = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        for layer in dec.layers:
+            torch.testing.assert_close(layer.keys[1, :, :23], layer.keys[0, :, :23], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer.values[1, :, :23], layer.values[0, :, :23], rtol=1e-5, atol=1e-5)
+        dec.compact([1], used_columns=len(prompt))
+        step = dec.step([44], [len(prompt)]).clone()
+        torch.testing.assert_close(step[0], model(input_ids=torch.tensor([prompt + [44]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match=r"prompt chunk \[60, 70\) over the slot length 64"):
+            dec.prefill_chunk(embeds[:10], 60, last=True)

@@ -160,3 +160,13 @@ def test_admission_pooling_options():
         ServeConfig(model_id_or_path="unused", waiting_served_ratio=-1).validate()
     with pytest.raises(ValueError, match="--max-waiting-tokens must be 0 or more, got -2"):
         ServeConfig(model_id_or_path="unused", max_waiting_tokens=-2).validate()
+
+
+def test_prefill_chunk_option():
+    from internvl_worker.cli import build_parser
+    from internvl_worker.serve.app import ServeConfig
+
+    assert build_parser().parse_args(["serve", "--model_id_or_path", "/m"]).prefill_chunk_tokens == 1024
+    assert build_parser().parse_args(["serve", "--model_id_or_path", "/m", "--prefill-chunk-tokens", "0"]).prefill_chunk_tokens == 0
+    with pytest.raises(ValueError, match=r"--prefill-chunk-tokens must be 0 \(off\) or more, got -5"):
+        ServeConfig(model_id_or_path="unused", prefill_chunk_tokens=-5).validate()

@@ -285,3 +285,40 @@ def test_cancelling_a_chained_request_keeps_the_others_right(plain):
     assert rest[-1] == ("done", "cancelled") and len(rest) < 200 and doomed.queue.empty()
     assert got == want
     assert engine.chained_steps > 0
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(plain):
+    """With --prefill-chunk-tokens 16, a ~100-token prompt goes in chunk by chunk while a short request
+    keeps decoding (its tokens stream before the long one's first token); both answers equal the eager
+    path's. Alone, a long prompt goes in one forward (nobody to wait on it)."""
+    long_prompt = _prepared(plain, "Describe the picture please and tell me " * 10)
+    short = _prepared(plain, "What is the red?")
+    assert len(long_prompt.input_ids) > 6 * 16
+    eager = Engine(plain, max_batch_size=4, decode="eager", max_total_tokens=512)
+    eager.start()
+    try:
+        want_short, want_long = _run(eager, [(short, 30), (long_prompt, 8)])
+    finally:
+        eager.shutdown(30)
+    engine = Engine(plain, max_batch_size=4, decode="static", max_total_tokens=512, prefill_chunk_tokens=16)
+    order = []
+    emit = engine._emit
+    engine._emit = lambda h, ev: (order.append((h, ev[0])), emit(h, ev))[1]
+    engine.start()
+    try:
+        assert engine.decode_info["prefill_chunk_tokens"] == 16
+        hs = engine.submit(Handle(SamplingParams(max_new_tokens=30, min_new_tokens=30), None, short))
+        first = next(hs.events_sync(timeout=60))  # the short request is decoding ...
+        hl = engine.submit(Handle(SamplingParams(max_new_tokens=8, min_new_tokens=8), None, long_prompt))  # ... when this arrives
+        got_long = [ev[1] for ev in hl.events_sync(timeout=60) if ev[0] == "token"]
+        got_short = [first[1]] + [ev[1] for ev in hs.events_sync(timeout=60) if ev[0] == "token"]
+        chunks = engine.prefill_chunks
+        alone = _run(engine, [(long_prompt, 8)])[0]
+    finally:
+        engine.shutdown(30)
+    assert got_short == want_short and got_long == want_long and alone == want_long
+    assert chunks >= len(long_prompt.input_ids) // 16
+    assert engine.prefill_chunks == chunks + 1  # alone: the whole prompt in one forward
+    long_first = next(i for i, (h, kind) in enumerate(order) if h is hl and kind == "token")
+    short_before = sum(1 for h, kind in order[:long_first] if h is hs and kind == "token")
+    assert short_before >= chunks  # a decode step between every two chunks

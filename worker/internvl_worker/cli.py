@@ -237,7 +237,7 @@ def cmd_serve(args) -> int:
             max_tiles=args.max_tiles, request_timeout=args.request_timeout, image_timeout=args.image_timeout,
             allow_private_image_urls=args.allow_private_image_urls, dtype=args.dtype, use_flash_attn=args.use_flash_attn,
             preprocess_workers=args.preprocess_workers, graceful_timeout=args.graceful_timeout, decode=args.decode,
-            kv_cache_fraction=args.kv_cache_fraction, compile=args.compile, use_liger_kernel=args.use_liger_kernel, triton_decode=args.triton_decode,
+            kv_cache_fraction=args.kv_cache_fraction, compile=args.compile, use_liger_kernel=args.use_liger_kernel, triton_decode=args.triton_decode, prefill_chunk_tokens=args.prefill_chunk_tokens,
             waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens, image_cache_mb=args.image_cache_mb,
         )  # fmt: skip
         cfg.validate()
@@ -409,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--triton-decode", dest="triton_decode", type=str2bool, default=None, metavar="BOOL",
         help="our own Triton kernels in the fused decode step on a GPU: split-KV attention (each row reads only its own columns, "
         "spread over many SMs), RoPE with the KV write, SiLU x up (default: on where they run; false: SDPA attention)",
+    )  # fmt: skip
+    g.add_argument(
+        "--prefill-chunk-tokens", dest="prefill_chunk_tokens", type=int, default=1024, metavar="N",
+        help="on the CUDA-graph path, a prompt longer than N tokens (e.g. many tiles) is prefilled N tokens at a time, with a decode "
+        "step for the running requests between chunks, so their streams do not stall for the whole prefill (default 1024; 0: off)",
     )  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (fuses its small kernels) before capturing the CUDA graphs; start-up takes about a minute longer")
     g.add_argument("--image-cache-mb", dest="image_cache_mb", type=float, default=512, help="GPU memory (MiB) for the vision features of recent images, by content: an image sent again (chat clients resend the conversation each turn) skips decoding, tiling and the vision tower; 0: off. Off anyway when adapters touch the vision tower")

@@ -85,6 +85,7 @@ class ServeConfig:
     compile: bool = False  # torch.compile the slot decode step before capturing its graphs
     use_liger_kernel: bool | None = None  # None: Liger's kernels on the slot path when installed
     triton_decode: bool | None = None  # None: our own Triton decode kernels (serve/kernels.py) where they run
+    prefill_chunk_tokens: int = 1024  # longer prompts are prefilled in chunks between decode steps; 0: off
     waiting_served_ratio: float = 0.3  # engine.admit_now: admit when waiting >= ratio x running ...
     max_waiting_tokens: int = 20  # ... or after this many decode steps
     image_cache_mb: float = 512.0  # vision features of recent images, by content (imagecache.py); 0: off
@@ -108,6 +109,8 @@ class ServeConfig:
             problems.append(f"--image-cache-mb must be 0 or more, got {self.image_cache_mb:g}")
         if self.max_waiting_tokens < 0:
             problems.append(f"--max-waiting-tokens must be 0 or more, got {self.max_waiting_tokens}")
+        if self.prefill_chunk_tokens < 0:
+            problems.append(f"--prefill-chunk-tokens must be 0 (off) or more, got {self.prefill_chunk_tokens}")
         if not 0.0 < self.kv_cache_fraction <= 0.95:
             problems.append(f"--kv-cache-fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
         if self.request_timeout <= 0:
@@ -185,7 +188,7 @@ class Server:
             self.engine = Engine(
                 self.sm, max_batch_size=self.cfg.max_batch_size, metrics=self.metrics, max_total_tokens=self.limits.max_total_tokens,
                 decode=self.cfg.decode, kv_cache_fraction=self.cfg.kv_cache_fraction, compile=self.cfg.compile,
-                liger=self.cfg.use_liger_kernel, triton_decode=self.cfg.triton_decode, waiting_served_ratio=self.cfg.waiting_served_ratio, max_waiting_tokens=self.cfg.max_waiting_tokens,
+                liger=self.cfg.use_liger_kernel, triton_decode=self.cfg.triton_decode, prefill_chunk_tokens=self.cfg.prefill_chunk_tokens, waiting_served_ratio=self.cfg.waiting_served_ratio, max_waiting_tokens=self.cfg.max_waiting_tokens,
             )  # fmt: skip
             self.engine.start()
             log.info(json.dumps({"event": "model_loaded", "model": self.sm.name, "adapters": sorted(self.sm.adapters), "seconds": round(time.monotonic() - t0, 2)}))

@@ -324,7 +324,7 @@ class Engine:
     def __init__(
         self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5,
         compile: bool = False, liger: bool | None = None, fused_layers: bool = True, waiting_served_ratio: float = 0.3, max_waiting_tokens: int = 20,
-        triton_decode: bool | None = None,
+        triton_decode: bool | None = None, prefill_chunk_tokens: int = 1024,
     ):  # fmt: skip
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
@@ -338,6 +338,11 @@ class Engine:
         self.liger = liger  # None: Liger's kernels on the slot path when installed (and on a GPU)
         self.fused_layers = fused_layers  # fused.py's decode layers where the architecture allows
         self.triton_decode = triton_decode  # None: our own Triton kernels (kernels.py) in them where they run
+        # Slot path: a prompt longer than this is prefilled a chunk per loop turn, between decode steps, so the
+        # running rows keep streaming (0: off). _chunking holds [row, prompt embeds, tokens done] in order.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._chunking: list[list] = []
+        self.prefill_chunks = 0
         self.waiting_served_ratio, self.max_waiting_tokens = waiting_served_ratio, max_waiting_tokens  # see admit_now
         self._steps_waited = 0  # decode steps since requests started waiting with a batch running
         self._ahead = None  # a greedy slot step queued before the last one was read (SlotDecoder.step_chained)
@@ -465,6 +470,7 @@ class Engine:
             "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "layers": "fused" if dec.fused is not None else "transformers",
             "attention": "triton split-KV" if dec.fused is not None and dec.fused.kernels is not None else "sdpa",
             "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
+            "prefill_chunk_tokens": self.prefill_chunk_tokens if dec.scratch is not None else None,
             "kv_cache_gb": round(dec.bytes / 1e9, 2), "graphs": graphs, "capture_s": round(time.monotonic() - t0, 2),
         }  # fmt: skip
         if dec.fused is None:
@@ -511,11 +517,11 @@ class Engine:
             capacity = self._slots.slots if self._slots is not None else self.max_batch_size
             while True:
                 with self._cv:
-                    while not self._waiting and not len(self._batch) and not self._stopping:
+                    while not self._waiting and not len(self._batch) and not self._chunking and not self._stopping:
                         self._cv.wait()
-                    if self._stopping and not self._waiting and not len(self._batch):
+                    if self._stopping and not self._waiting and not len(self._batch) and not self._chunking:
                         break
-                    room = min(self.max_batch_size, capacity) - len(self._batch)
+                    room = min(self.max_batch_size, capacity) - len(self._batch) - len(self._chunking)
                     admit = []
                     if room > 0 and admit_now(len(self._waiting), len(self._batch), self._steps_waited, ratio=self.waiting_served_ratio, max_steps=self.max_waiting_tokens):
                         admit, self._waiting = self._waiting[:room], self._waiting[room:]
@@ -527,6 +533,8 @@ class Engine:
                         self._drain()  # the rows change: finish the step in flight first
                         self._flush()  # the last step's tokens go out before a prefill, not after it
                         self._admit(admit)
+                    if self._chunking:
+                        self._prefill_chunk()  # one chunk of a long prompt, then a decode step for the others
                     if len(self._batch):
                         self._step()  # hands the previous step's events to the loop while the GPU works
                 except Exception as e:  # e.g. CUDA out of memory: fail the batch, keep serving
@@ -593,6 +601,10 @@ class Engine:
                 embedded.append((row, self._embeds(row)))
             except Exception as e:
                 self._fail([row], "prefill", e)
+        chunk = self.prefill_chunk_tokens
+        if chunk and self._slots.scratch is not None:  # long prompts go in chunk by chunk (_prefill_chunk)
+            self._chunking.extend([r, e, 0] for r, e in embedded if e.shape[0] > chunk)
+            embedded = [(r, e) for r, e in embedded if e.shape[0] <= chunk]
         embedded.sort(key=lambda x: x[1].shape[0])
         group: list = []
         for item in embedded + [None]:
@@ -610,6 +622,35 @@ class Engine:
                 group = []
             if item is not None:
                 group.append(item)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the oldest long prompt, into the scratch slot (SlotDecoder.prefill_chunk). After
+        its last chunk the prompt moves into the next free slot, its first token is chosen and the row joins
+        the batch. With no batch running, the rest of the prompt goes in one forward: nobody waits on it."""
+        entry = self._chunking[0]
+        row, embeds, start = entry
+        if row.handle.cancelled.is_set():
+            self._chunking.pop(0)
+            self._emit(row.handle, ("done", "cancelled"))
+            return
+        n = embeds.shape[0]
+        end = min(start + self.prefill_chunk_tokens, n) if len(self._batch) else n
+        try:
+            logits = self._slots.prefill_chunk(embeds[start:end], start, last=end == n)
+        except Exception as e:
+            self._chunking.pop(0)
+            self._fail([row], "prefill", e)
+            return
+        self.prefill_chunks += 1
+        if end < n:
+            entry[2] = end
+            return
+        self._chunking.pop(0)
+        self._drain()  # the rows are about to change (and a drained row may leave: take the slot after)
+        self._slots.take_scratch(len(self._batch), n)
+        row.pos = n
+        self._accept([row], logits[None])
+        self._batch.add_prefilled([row])
 
     def _encode_images_together(self, rows: list[_Row]) -> None:
         """The vision tower once for all newcomers' tiles (VISION_TILES a forward) rather than once per request

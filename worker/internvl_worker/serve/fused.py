@@ -215,18 +215,23 @@ class FusedLayers:
             self._finish_layer(layer, h, out.reshape(b, qw))
         return self.final_norm(h)
 
-    def prefill(self, embeds, slots: list, slot_ids, last):
+    def prefill(self, embeds, slots: list, slot_ids, last, start: int = 0):
         """Prompts in: embeds (b, T, hidden), right-padded (the causal mask alone keeps padding out of every
         real token's attention). Writes row i's keys/values for columns [0, T) straight into slot
         slot_ids[i] of every layer (the padded columns are overwritten by decode before any mask admits
         them). Returns the final-normed hidden state at position last[i] of each row, (b, hidden).
         transformers' forward launches ~40 kernels a layer from Python plus a cache object; this is the
-        decode step's ~14, so a short prompt's prefill is no longer bound by launches."""
+        decode step's ~14, so a short prompt's prefill is no longer bound by launches.
+        start > 0: a later chunk of prompts whose columns [0, start) are already in their slots; these T
+        tokens sit at positions start.. and attend to those columns too."""
         b, t, hidden = embeds.shape
         nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
         qw, kw = nq * hd, nkv * hd
         h = embeds.reshape(b * t, hidden).clone()  # the residual stream, updated in place
-        positions = torch.arange(t, device=embeds.device)[None].expand(b, t)
+        positions = torch.arange(start, start + t, device=embeds.device)[None].expand(b, t)
+        mask = None
+        if start:  # query i (position start + i) sees columns 0 .. start + i
+            mask = torch.arange(start + t, device=embeds.device)[None, :] <= positions[0][:, None]
         cos, sin = self.lm.rotary_emb(embeds, positions)  # (b, T, head_dim)
         for layer, (keys, values) in zip(self.layers, slots):
             qkv = self._qkv(layer, h)
@@ -235,8 +240,12 @@ class FusedLayers:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = layer.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, heads, T, hd)
             v = v.transpose(1, 2)
-            keys[slot_ids, :, :t] = k
-            values[slot_ids, :, :t] = v
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale, enable_gqa=nq != nkv)
+            keys[slot_ids, :, start : start + t] = k
+            values[slot_ids, :, start : start + t] = v
+            if start:
+                k, v = keys[slot_ids, :, : start + t], values[slot_ids, :, : start + t]
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale, enable_gqa=nq != nkv)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale, enable_gqa=nq != nkv)
             self._finish_layer(layer, h, out.transpose(1, 2).reshape(b * t, qw))
         return self.final_norm(h.view(b, t, hidden)[torch.arange(b, device=h.device), last])

@@ -121,7 +121,13 @@ class SlotDecoder:
         cfg = self.lm.config
         n_layers, kv_heads, head_dim = kv_shape(cfg)
         self.slots, self.max_len = slots, max_len
-        shape = (slots, kv_heads, max_len, head_dim)
+        # Fewer kernels a layer (fused.py) where the architecture allows; transformers' layers otherwise.
+        self.fused_why = fused_layers.unsupported(self.lm) if fused else "turned off"
+        # With the fused layers, one more slot than decode rows: the scratch slot where a long prompt is
+        # prefilled chunk by chunk between decode steps (prefill_chunk). No decode graph ever reads or writes
+        # it (its padding rows use slots below `slots`), so a prompt half-way through is safe there.
+        self.scratch = slots if self.fused_why is None else None
+        shape = (slots + (self.scratch is not None), kv_heads, max_len, head_dim)
         self.layers = [_SlotLayer(torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(n_layers)]
         self.cache = _SlotCache(self.layers)
         # Static inputs and outputs: graphs read and write these addresses. The inputs are one buffer, so a
@@ -143,8 +149,6 @@ class SlotDecoder:
         self.columns = torch.arange(max_len, device=self.device)
         self.logits = torch.empty(slots, self.head.weight.shape[0], dtype=self.dtype, device=self.device)
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
-        # Fewer kernels a layer (fused.py) where the architecture allows; transformers' layers otherwise.
-        self.fused_why = fused_layers.unsupported(self.lm) if fused else "turned off"
         # Our own Triton kernels (kernels.py: split-KV attention, RoPE with the KV write, SiLU x up) in them.
         self.triton_why = (fused_layers.triton_unsupported(self.lm) if triton else "turned off") if self.fused_why is None else self.fused_why
         self.fused = fused_layers.FusedLayers(self.lm, liger=liger, triton=self.triton_why is None) if self.fused_why is None else None
@@ -184,6 +188,30 @@ class SlotDecoder:
         slot_ids = torch.arange(first_slot, first_slot + b, device=self.device)
         hidden = self.fused.prefill(embeds, self._slot_kv, slot_ids, torch.tensor(last, device=self.device))
         return self.head(hidden)
+
+    def prefill_chunk(self, embeds, start: int, last: bool):
+        """One chunk of a long prompt, (t, hidden) at positions start.., into the scratch slot: its keys and
+        values land in columns [start, start + t), and its tokens attend to every earlier column there.
+        Returns the (vocab,) logits at the chunk's last token when `last`, else None. `take_scratch` then
+        moves the whole prompt into a decode slot."""
+        import torch
+
+        if self.scratch is None:
+            raise ValueError(f"chunked prefill needs the fused layers ({self.fused_why})")
+        t = embeds.shape[0]
+        if start + t > self.max_len:
+            raise ValueError(f"prompt chunk [{start}, {start + t}) over the slot length {self.max_len}")
+        slot = torch.tensor([self.scratch], device=self.device)
+        hidden = self.fused.prefill(embeds[None], self._slot_kv, slot, torch.tensor([t - 1], device=self.device), start=start)
+        return self.head(hidden)[0] if last else None
+
+    def take_scratch(self, slot: int, columns: int) -> None:
+        """Copy the scratch slot's first `columns` keys/values into decode slot `slot`."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} of {self.slots}")
+        for layer in self.layers:
+            layer.keys[slot, :, :columns] = layer.keys[self.scratch, :, :columns]
+            layer.values[slot, :, :columns] = layer.values[self.scratch, :, :columns]
 
     def compact(self, keep: list[int], used_columns: int) -> None:
         """Rows `keep` (ascending) move to slots 0..len(keep)-1; only the first used_columns are copied."""
