@@ -7,7 +7,9 @@ InternVL3-1B shape, random weights, bf16, one GPU. Measures (1) the decoder alon
 back to back, as the engine queues them (GPU-bound: the step's own time); (2) the engine on one request of
 one 448-px image + ~64 words: time between tokens, and inside the engine thread the time spent waiting for
 the GPU (a wait near zero means the host, not the GPU, sets the pace), in launching the graph, and in the
-rest of the loop. Prints JSON lines.
+rest of the loop; (3) with `--stall`: 16 requests decoding when a 13-tile prompt (~3,400 tokens) arrives,
+with chunked prefill (--prefill-chunk-tokens 1024) and without: the longest gap in the running streams and
+the long request's time to first token. Prints JSON lines.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def _us(xs: list) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new_tokens", type=int, default=256)
+    ap.add_argument("--stall", action="store_true", help="also phase (3): running streams while a long prompt is prefilled")
     args = ap.parse_args()
     import torch
     from PIL import Image
@@ -115,7 +118,52 @@ def main() -> int:
             }))  # fmt: skip
     finally:
         engine.shutdown(30)
+    if args.stall:
+        big = Image.new("RGB", (448 * 4, 448 * 3), (200, 120, 30))  # 4 x 3 tiles + the thumbnail
+        for chunk in (1024, 0):
+            print(json.dumps(stall(sm, chunk, request, lambda: _prepared(sm, "describe the picture please", big, features=False))))
     return 0
+
+
+def stall(sm, chunk: int, short_request, long_request) -> dict:
+    """16 greedy streams decoding; a long prompt arrives: their longest gap between tokens, and its TTFT."""
+    import threading
+
+    from internvl_worker.serve.engine import Engine, Handle
+    from internvl_worker.serve.sampling import SamplingParams
+
+    engine = Engine(sm, max_batch_size=32, decode="graphs", max_total_tokens=4608, prefill_chunk_tokens=chunk)
+    engine.start()
+    try:
+        times: list[list[float]] = [[] for _ in range(16)]
+
+        def consume(h, out):
+            for ev in h.events_sync(timeout=120):
+                if ev[0] == "token":
+                    out.append(time.perf_counter())
+
+        threads = []
+        for i in range(16):
+            h = engine.submit(Handle(SamplingParams(max_new_tokens=400, min_new_tokens=400), None, short_request()))
+            threads.append(threading.Thread(target=consume, args=(h, times[i]), daemon=True))
+            threads[-1].start()
+        while min(len(t) for t in times) < 50:
+            time.sleep(0.01)
+        long_prep = long_request()
+        t0 = time.perf_counter()
+        h = engine.submit(Handle(SamplingParams(max_new_tokens=16, min_new_tokens=16), None, long_prep))
+        first = next(ev for ev in h.events_sync(timeout=120) if ev[0] == "token")
+        ttft = time.perf_counter() - t0
+        for t in threads:
+            t.join(120)
+        window = [b - a for ts in times for a, b in zip(ts, ts[1:]) if b >= t0 and a <= t0 + ttft + 0.05]
+        return {
+            "prefill_chunk_tokens": chunk, "long_prompt_tokens": len(long_prep.input_ids), "long_ttft_ms": round(ttft * 1e3, 1),
+            "streams_max_gap_ms": round(max(window) * 1e3, 2), "streams_gap_p50_ms": round(statistics.median(window) * 1e3, 3),
+            "chunks": engine.prefill_chunks, "first_token": first[1],
+        }  # fmt: skip
+    finally:
+        engine.shutdown(30)
 
 
 if __name__ == "__main__":
