@@ -335,7 +335,7 @@ KERNEL_KINDS = [  # first match wins; names as CUDA/cuBLAS/PyTorch/Triton give t
     ("softmax/loss", r"softmax|cross_entropy|nll_loss|log_softmax"),
     ("norm", r"norm"),
     ("reduce", r"reduce|sum_kernel|Reduce"),
-    ("copy/cast", r"copy|Memcpy|Memset|cast|to_copy|CatArray|index|scatter|gather|masked"),
+    ("copy/cast", r"copy|Memcpy|Memset|(?<!no)cast|CatArray|index|scatter|gather|masked"),  # not "gpu_kernel_impl_nocast"
     ("elementwise", r"elementwise|vectorized|unrolled|silu|mul|add|Elementwise"),
 ]
 

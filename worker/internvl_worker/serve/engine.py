@@ -506,8 +506,9 @@ class Engine:
             except Exception as e:
                 self.start_error = f"{type(e).__name__}: {e}"
                 if self.decode == "graphs":
+                    log.exception("the slot decoder failed to start")  # the traceback; start() raises the message
                     self._started.set()
-                    return  # start() raises it
+                    return
                 log.exception("the slot decoder failed to start; decoding eagerly")
                 self._slots = None
                 self.decode_info = {"decode": "eager", "why": f"slot decoder failed: {self.start_error}"}
