@@ -283,12 +283,18 @@ class SlotDecoder:
         graph.replay()
 
     def _forward(self, b: int, length: int) -> None:
+        if self.fused is not None and self.fused.kernels is not None:  # our own attention: no SDPA in the step
+            self._forward_step(b, length)
+            return
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         # cuDNN's attention is off for the engine (a plan per new prefill length); decode shapes are fixed per
-        # graph, and cuDNN is the fastest with a mask here (H100, fused layers, engine in-process at batch 1:
-        # 505 tokens/s with it, 377 without), so the step asks for it first.
+        # graph, and cuDNN is the fastest SDPA kernel with a mask here (H100, fused layers, engine in-process at
+        # batch 1: 505 tokens/s with it, 377 without), so the step asks for it first. Every backend is listed:
+        # torch 2.11 restores the priority list without an unlisted one (OVERRIDEABLE), and the next engine's
+        # sdpa_kernel then fails with "4 is not in list".
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        order += [SDPBackend.OVERRIDEABLE] if hasattr(SDPBackend, "OVERRIDEABLE") else []
         with sdpa_kernel(order, set_priority=True):
             self._forward_step(b, length)
 
