@@ -25,6 +25,7 @@ def batch_rows(sft_dataset, tmp_path_factory):
 
 def test_answer_only_logits_give_the_full_loss(tiny, batch_rows):
     batch = collate(batch_rows, tiny.template.tokenizer.pad_token_id)
+    assert not batch["attention_mask"].all()  # padded rows: transformers' forward below uses the mask, ours drops it
     with torch.no_grad():
         full = tiny.model(**batch).loss  # transformers' loss over all positions (mean over labelled tokens)
         loss_sum, n, outputs = answer_loss_sum(tiny.model, batch)
