@@ -534,8 +534,10 @@ class Engine:
                         self._drain()  # the rows change: finish the step in flight first
                         self._flush()  # the last step's tokens go out before a prefill, not after it
                         self._admit(admit)
-                    if self._chunking:
-                        self._prefill_chunk()  # one chunk of a long prompt, then a decode step for the others
+                    if self._chunking and not (admit and len(self._batch)):
+                        # one chunk of a long prompt, then a decode step for the others (not on the turn of an
+                        # admission round: that already paused them)
+                        self._prefill_chunk()
                     if len(self._batch):
                         self._step()  # hands the previous step's events to the loop while the GPU works
                 except Exception as e:  # e.g. CUDA out of memory: fail the batch, keep serving

@@ -229,9 +229,10 @@ class FusedLayers:
         qw, kw = nq * hd, nkv * hd
         h = embeds.reshape(b * t, hidden).clone()  # the residual stream, updated in place
         positions = torch.arange(start, start + t, device=embeds.device)[None].expand(b, t)
-        mask = None
-        if start:  # query i (position start + i) sees columns 0 .. start + i
-            mask = torch.arange(start + t, device=embeds.device)[None, :] <= positions[0][:, None]
+        if start:  # query i (position start + i) sees columns 0 .. start + i: causal, aligned bottom-right
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = causal_lower_right(t, start + t)
         cos, sin = self.lm.rotary_emb(embeds, positions)  # (b, T, head_dim)
         for layer, (keys, values) in zip(self.layers, slots):
             qkv = self._qkv(layer, h)
@@ -243,8 +244,13 @@ class FusedLayers:
             keys[slot_ids, :, start : start + t] = k
             values[slot_ids, :, start : start + t] = v
             if start:
-                k, v = keys[slot_ids, :, : start + t], values[slot_ids, :, : start + t]
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale, enable_gqa=nq != nkv)
+                # Every earlier column too. The keys are repeated per query head: the lower-right causal bias
+                # dispatches to the flash / memory-efficient kernels, but not with enable_gqa (an explicit
+                # boolean mask would send it to the math kernel: a 3,500-token prompt's 1,024-token chunks took
+                # longer than the whole prompt in one forward).
+                k = keys[slot_ids, :, : start + t].repeat_interleave(nq // nkv, dim=1)
+                v = values[slot_ids, :, : start + t].repeat_interleave(nq // nkv, dim=1)
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale)
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale, enable_gqa=nq != nkv)
             self._finish_layer(layer, h, out.transpose(1, 2).reshape(b * t, qw))
