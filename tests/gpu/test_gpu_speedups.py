@@ -181,8 +181,15 @@ def test_compiled_layers_match_eager_on_the_gpu(tiny_model_dir, batch, checkpoin
         eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = copy.deepcopy(eager)
     compile_decoder_layers(compiled)  # inductor: Triton kernels
+    exact_loss, _, exact_grads = _loss_and_grads(eager, batch, "fp32")
     ref_loss, _, ref_grads = _loss_and_grads(eager, batch, "full-autocast-bf16")
     loss, _, grads = _loss_and_grads(compiled, batch, "full-autocast-bf16")
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-3)
-    assert grads.keys() == ref_grads.keys()
-    assert max(_rel(grads[k], ref_grads[k]) for k in grads) < 3e-2
+    assert grads.keys() == ref_grads.keys() == exact_grads.keys()
+    # Both bf16 runs judged against fp32, as the Liger test does: two bf16 paths differ from each other by bf16
+    # noise (worst gradient 4.1e-02 compiled vs eager on an H100), so compiled must be about as close to fp32.
+    worst = {who: max(_rel(g[k], exact_grads[k]) for k in g) for who, g in (("compiled", grads), ("eager", ref_grads))}
+    loss_err = {who: abs(float(x - exact_loss)) / abs(float(exact_loss)) for who, x in (("compiled", loss), ("eager", ref_loss))}
+    print(f"compiled, checkpointing {checkpointing}: vs fp32: loss rel. error compiled {loss_err['compiled']:.2e}, eager bf16 {loss_err['eager']:.2e}; "
+          f"worst gradient rel. error compiled {worst['compiled']:.2e}, eager bf16 {worst['eager']:.2e}")  # fmt: skip
+    assert loss_err["compiled"] <= BF16_ERROR_FACTOR * loss_err["eager"] + BF16_FLOOR, loss_err
+    assert worst["compiled"] <= BF16_ERROR_FACTOR * worst["eager"] + BF16_FLOOR, worst
