@@ -411,9 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
         "spread over many SMs), RoPE with the KV write, SiLU x up (default: on where they run; false: SDPA attention)",
     )  # fmt: skip
     g.add_argument(
-        "--prefill-chunk-tokens", dest="prefill_chunk_tokens", type=int, default=1024, metavar="N",
+        "--prefill-chunk-tokens", dest="prefill_chunk_tokens", type=int, default=0, metavar="N",
         help="on the CUDA-graph path, a prompt longer than N tokens (e.g. many tiles) is prefilled N tokens at a time, with a decode "
-        "step for the running requests between chunks, so their streams do not stall for the whole prefill (default 1024; 0: off)",
+        "step for the running requests between chunks (default 0: off; measured on an H100 with a 13-tile prompt arriving beside 16 "
+        "streams, 1024-token chunks made the streams' worst pause longer, 71 ms against 58 ms)",
     )  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (fuses its small kernels) before capturing the CUDA graphs; start-up takes about a minute longer")
     g.add_argument("--image-cache-mb", dest="image_cache_mb", type=float, default=512, help="GPU memory (MiB) for the vision features of recent images, by content: an image sent again (chat clients resend the conversation each turn) skips decoding, tiling and the vision tower; 0: off. Off anyway when adapters touch the vision tower")

@@ -85,7 +85,7 @@ class ServeConfig:
     compile: bool = False  # torch.compile the slot decode step before capturing its graphs
     use_liger_kernel: bool | None = None  # None: Liger's kernels on the slot path when installed
     triton_decode: bool | None = None  # None: our own Triton decode kernels (serve/kernels.py) where they run
-    prefill_chunk_tokens: int = 1024  # longer prompts are prefilled in chunks between decode steps; 0: off
+    prefill_chunk_tokens: int = 0  # >0: longer prompts are prefilled in chunks between decode steps (off: see README)
     waiting_served_ratio: float = 0.3  # engine.admit_now: admit when waiting >= ratio x running ...
     max_waiting_tokens: int = 20  # ... or after this many decode steps
     image_cache_mb: float = 512.0  # vision features of recent images, by content (imagecache.py); 0: off

@@ -324,7 +324,7 @@ class Engine:
     def __init__(
         self, sm: ServedModel, *, max_batch_size: int = 32, metrics=None, max_total_tokens: int = 10240, decode: str = "auto", kv_cache_fraction: float = 0.5,
         compile: bool = False, liger: bool | None = None, fused_layers: bool = True, waiting_served_ratio: float = 0.3, max_waiting_tokens: int = 20,
-        triton_decode: bool | None = None, prefill_chunk_tokens: int = 1024,
+        triton_decode: bool | None = None, prefill_chunk_tokens: int = 0,
     ):  # fmt: skip
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
@@ -339,7 +339,8 @@ class Engine:
         self.fused_layers = fused_layers  # fused.py's decode layers where the architecture allows
         self.triton_decode = triton_decode  # None: our own Triton kernels (kernels.py) in them where they run
         # Slot path: a prompt longer than this is prefilled a chunk per loop turn, between decode steps, so the
-        # running rows keep streaming (0: off). _chunking holds [row, prompt embeds, tokens done] in order.
+        # running rows keep streaming (0: off, the default: it did not pay yet, see the serve README).
+        # _chunking holds [row, prompt embeds, tokens done] in order.
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._chunking: list[list] = []
         self.prefill_chunks = 0
