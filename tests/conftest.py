@@ -57,4 +57,4 @@ def sft_dataset(tiny):
         def __init__(self, conv):
             self.conversation = conv
 
-    return lambda conversations: SftDataset([Row(c) for c in conversations], tiny.template, [0] * len(conversations))
+    return lambda conversations, uint8=False: SftDataset([Row(c) for c in conversations], tiny.template, [0] * len(conversations), uint8=uint8)

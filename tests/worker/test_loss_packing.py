@@ -116,3 +116,20 @@ def test_hidden_state_path_restores_the_head_and_skips_empty_batches(tiny, batch
     with torch.no_grad():
         loss, n, _ = answer_loss_sum(model, no_answers, broken)
     assert n == 0 and float(loss) == 0.0
+
+
+def test_uint8_tiles_give_the_float_tiles_loss(tiny, sft_dataset, tmp_path):
+    """internvl sft's dataset hands out uint8 tiles (4x smaller), normalized in the loss: the same pixel values
+    as the processor's float tiles, so the same loss, bit for bit."""
+    from PIL import Image
+
+    Image.new("RGB", (700, 300), (200, 30, 90)).save(tmp_path / "wide.png")
+    convs = [Conversation(turns=[("What is it?", "a wide picture")], images=[str(tmp_path / "wide.png")])]
+    small, floats = sft_dataset(convs, uint8=True)[0], sft_dataset(convs)[0]
+    assert small["pixel_values"].dtype == torch.uint8 and floats["pixel_values"].dtype == torch.float32
+    assert small["pixel_values"].shape == floats["pixel_values"].shape and small["pixel_values"].shape[0] > 1  # several tiles
+    pad = tiny.template.tokenizer.pad_token_id
+    with torch.no_grad():
+        a, na, _ = answer_loss_sum(tiny.model, collate([small], pad))
+        b, nb, _ = answer_loss_sum(tiny.model, collate([floats], pad))
+    assert na == nb and torch.equal(a, b)
