@@ -179,7 +179,7 @@ def time_loader(ds, batches: list[list[int]], *, workers: int, pad_id: int, pin:
         rate = samples[0] / first
     return {"num_workers": workers, "batches": len(stamps), "samples_per_s": round(rate, 2), "first_batch_s": round(first, 3),
             "pixel_mb_per_batch_mean": round(statistics.mean(pixel_bytes) / 1e6, 1), "pixel_mb_per_batch_max": round(max(pixel_bytes) / 1e6, 1),
-            "pixel_dtype": "float32"}  # fmt: skip
+            "pixel_dtype": str(pv.dtype).removeprefix("torch.") if pv is not None else None}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ GPU step
@@ -435,7 +435,8 @@ def main() -> int:
     stats = train_bench.row_stats(data, template)
     lengths = [r["tokens"] for r in stats]
     rows = read_dataset(data)
-    ds = SftDataset(rows, template, lengths)
+    ds = SftDataset(rows, template, lengths)  # float32 tiles, as the naive loop gets them
+    ds8 = SftDataset(rows, template, lengths, uint8=True)  # uint8 tiles, as internvl sft gets them
     pad_id = template.tokenizer.pad_token_id
     shape = train_bench.model_shape(model_dir)
     peak = train_bench.measured_peak_tflops() if cuda else None
@@ -470,15 +471,16 @@ def main() -> int:
     ours["data"]["getitem"] = r = time_getitem(ds, min(args.getitem_rows, len(rows)))
     print(json.dumps({"event": "getitem", **r}), flush=True)
     for w in [int(x) for x in args.workers.split(",") if x]:
-        ours["data"][f"loader_{w}w"] = r = time_loader(ds, batches, workers=w, pad_id=pad_id, pin=cuda)
-        print(json.dumps({"event": "loader", **r}), flush=True)
+        for key, dataset in ((f"loader_{w}w", ds), (f"loader_{w}w_uint8", ds8)):
+            ours["data"][key] = r = time_loader(dataset, batches, workers=w, pad_id=pad_id, pin=cuda)
+            print(json.dumps({"event": "loader", **r}), flush=True)
     # The batches the GPU steps take: warmup first (the longest among them), then spread over the epoch.
     rest = list(range(args.warmup, len(batches))) or list(range(len(batches)))
     picks = list(range(min(args.warmup, len(batches)))) + [rest[round(k * (len(rest) - 1) / max(args.steps - 1, 1))] if len(rest) > 1 else rest[0] for k in range(args.steps)]
     while len(picks) < args.warmup + args.steps:  # fewer batches than warmup: repeat the first
         picks.insert(0, 0)
     t0 = time.perf_counter()
-    host = [(collate([ds[i] for i in batches[b]], pad_id), batches[b]) for b in picks]
+    host = [(collate([ds8[i] for i in batches[b]], pad_id), batches[b]) for b in picks]  # the loss normalizes them
     collate_s = time.perf_counter() - t0
     h2d = []
     on_device = []
@@ -527,7 +529,7 @@ def print_tables(ours: dict, config: dict) -> None:
           f"({g['one_process_samples_per_s']} samples/s in one process)")  # fmt: skip
     for k, r in d.items():
         if k.startswith("loader_"):
-            print(f"DataLoader {r['num_workers']} workers: {r['samples_per_s']} samples/s, first batch {r['first_batch_s']} s, pixel_values {r['pixel_mb_per_batch_mean']} MB/batch mean ({r['pixel_mb_per_batch_max']} max)")
+            print(f"DataLoader {r['num_workers']} workers, {r['pixel_dtype']} tiles: {r['samples_per_s']} samples/s, first batch {r['first_batch_s']} s, pixel_values {r['pixel_mb_per_batch_mean']} MB/batch mean ({r['pixel_mb_per_batch_max']} max)")
     print(f"host->device copy of a collated batch (pinned): {d['prefetch']['h2d_ms_per_batch_pinned']} ms")
     gpu = {k: v for k, v in ours["gpu"].items() if "error" not in v}
     for k, v in ours["gpu"].items():
