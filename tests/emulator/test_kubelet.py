@@ -163,8 +163,9 @@ def test_deployment_ready_via_probe_and_restart(kube_api, kube_client, kubelet):
     assert dep.available_replicas == 1 and {c.type: c.status for c in dep.conditions}["Available"] == "True"
     url = wait_until(lambda: kubelet.service_url("default", "web", 80))
     assert urllib.request.urlopen(url + "/").read() == b"ok hi"
-    svc = core.read_namespaced_service("web", "default")
-    assert json.loads(svc.metadata.annotations["kubelet.internvl.test/ports"]) == {"80": int(url.rsplit(":", 1)[1])}
+    # service_url reads the pods directly; the kubelet writes the Service's ports annotation on its next pass
+    ports = wait_until(lambda: (core.read_namespaced_service("web", "default").metadata.annotations or {}).get("kubelet.internvl.test/ports"))
+    assert json.loads(ports) == {"80": int(url.rsplit(":", 1)[1])}
     # The API server's service proxy (the URLs `kubectl proxy` serves) reaches the same backend.
     proxy = f"{kube_api.url}/api/v1/namespaces/default/services"
     assert urllib.request.urlopen(f"{proxy}/web:80/proxy/any/path?x=1").read() == b"ok hi"
