@@ -77,7 +77,15 @@ def build_record(*, card: str, config: dict, baselines: dict, ours: dict, ratios
 def write_record(results_dir: str | Path, kind: str, what: str, *, config: dict, baselines: dict, ours: dict, ratios: dict, card: str | None = None, **fields) -> Path:
     """Write (or rewrite) `<results_dir>/<kind>-<what>-<card>-<date>.json`; returns its path."""
     record = build_record(card=card or card_name(), config=config, baselines=baselines, ours=ours, ratios=ratios, **fields)
+    return save_record(results_dir, kind, what, record)
+
+
+def save_record(results_dir: str | Path, kind: str, what: str, record: dict) -> Path:
+    """Write a built record to `<results_dir>/<kind>-<what>-<card>-<date>.json` atomically (a temporary file
+    renamed into place: a run killed mid-write leaves the last complete record)."""
     path = record_path(results_dir, kind, what, record["card"], record["date"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
     return path

@@ -45,10 +45,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date, datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # record.py, also when a test loads this file by path
+from record import build_record, card_name, command_line, save_record  # noqa: E402
 WORDS = "describe the picture please tell me what color shape and size each object in the image has and where it is left right top bottom".split()
 
 
@@ -519,24 +520,6 @@ def hf_baseline(args, model_dir: str, image_url: str, text: str) -> dict:
 # ---------------------------------------------------------------------------------------- reporting
 
 
-def card_name(device: str) -> str:
-    if device != "cuda":
-        return "cpu"
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "unknown-gpu"
-
-
-def git_commit() -> str | None:
-    if os.environ.get("GIT_COMMIT"):  # the device machine's copy of the tree can carry a stale .git
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def ratios(ours: dict, baselines: dict) -> dict:
     r = {}
     bs1 = baselines.get("hf_naive_bs1", {}).get("bs1_tokens_per_s")
@@ -557,33 +540,12 @@ def ratios(ours: dict, baselines: dict) -> dict:
     return r
 
 
-def result_path(out_dir: str | Path, card: str, day: date | None = None, name: str = "speed") -> Path:
-    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in card.lower()).strip("-")
-    return Path(out_dir) / f"serve-{name}-{slug}-{(day or date.today()).isoformat()}.json"
-
-
-def write_result(path: Path, result: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def build_result(args, *, card: str, config: dict, baselines: dict, ours: dict, levels: dict, argv: list[str], bs1: dict | None = None, open_loop: list | None = None) -> dict:
-    return {
-        "card": card,
-        "command": "python bench/serve_bench.py " + " ".join(argv),
-        "git_commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": config,
-        "baselines": baselines,
-        "ours": ours,
-        "ours_bs1": bs1 or {},
-        "ours_by_concurrency": levels,
-        "ours_open_loop": open_loop or [],
-        "ratios": ratios(ours, baselines),
-    }
+def build_result(*, card: str, config: dict, baselines: dict, ours: dict, levels: dict, argv: list[str], bs1: dict | None = None, open_loop: list | None = None) -> dict:
+    """record.py's record (DESIGN.md's fields) plus this benchmark's phases."""
+    return build_record(
+        card=card, config=config, baselines=baselines, ours=ours, ratios=ratios(ours, baselines), command=command_line(["bench/serve_bench.py", *argv]),
+        ours_bs1=bs1 or {}, ours_by_concurrency=levels, ours_open_loop=open_loop or [],
+    )  # fmt: skip
 
 
 def summarize_ours(bs1: dict, levels: dict, rates: list[dict], startup: float) -> dict:
@@ -716,10 +678,10 @@ def main(argv=None) -> int:
         "server_info": info,
         "client": "aiohttp over TGI /generate_stream: closed loop (C clients back to back) and open loop (Poisson arrivals)",
     }
-    card = card_name(args.device)
-    result = build_result(args, card=card, config=config, baselines=baselines, ours=ours, levels=levels, argv=argv, bs1=bs1, open_loop=rates)
+    card = card_name() if args.device == "cuda" else "cpu"
+    result = build_result(card=card, config=config, baselines=baselines, ours=ours, levels=levels, argv=argv, bs1=bs1, open_loop=rates)
     result["ours_bs1_repeated_image"] = bs1_cached
-    path = write_result(result_path(args.out_dir, card, name=args.name), result)
+    path = save_record(args.out_dir, "serve", args.name, result)
     print(json.dumps(result["ratios"]), f"\nwritten to {path}", flush=True)
     return 0 if ours["error_rate"] == 0 else 1
 

@@ -6,7 +6,6 @@ import asyncio
 import importlib.util
 import json
 import time
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -118,10 +117,11 @@ def test_load_generator_and_result_file(bench, server, tmp_path):
     ours = {"bs1_tokens_per_s": 50.0, "saturation_tokens_per_s": 400.0, "tokens_per_s_at_8": 300.0}
     baselines = {"hf_naive_bs1": {"bs1_tokens_per_s": 20.0}, "hf_naive_bs8": {"tokens_per_s": 150.0}}
     args = bench.parse_args(["--quick"])
-    result = bench.build_result(args, card="NVIDIA H100 80GB HBM3", config={"x": 1}, baselines=baselines, ours=ours, levels={"3": level}, argv=["--quick"], open_loop=[{"offered_rps": 1.0}])
-    path = bench.write_result(bench.result_path(tmp_path, result["card"], date(2026, 11, 27)), result)
-    assert path.name == "serve-speed-nvidia-h100-80gb-hbm3-2026-11-27.json"
-    assert bench.result_path(tmp_path, "cpu", date(2026, 11, 27), name="first").name == "serve-first-cpu-2026-11-27.json"
+    assert args.name == "speed"
+    result = bench.build_result(card="NVIDIA H100 80GB HBM3", config={"x": 1}, baselines=baselines, ours=ours, levels={"3": level}, argv=["--quick"], open_loop=[{"offered_rps": 1.0}])
+    assert result["command"] == "python bench/serve_bench.py --quick"
+    path = bench.save_record(tmp_path, "serve", args.name, result)  # bench/record.py's writer, as train records use
+    assert path.name == f"serve-speed-NVIDIA-H100-80GB-HBM3-{result['date']}.json" and not list(tmp_path.glob("*.tmp"))
     saved = json.loads(path.read_text())
     for key in ("card", "command", "git_commit", "date", "config", "baselines", "ours", "ratios", "ours_by_concurrency", "ours_open_loop"):
         assert key in saved
