@@ -225,3 +225,39 @@ def test_sft_offload_activations_trains_the_same_curve(tiny_model_dir, tmp_path,
         assert json.loads((last / "sft_args.json").read_text())["offload_activations"] is flag
     assert len(made) == 3 and all(h.moved > 0 for h in made)  # one per training forward, none without the flag
     assert curves[True] == curves[False]
+
+
+def test_lora_without_input_casts_is_exact_under_autocast(tiny, offload_batch):
+    """A bf16 base with fp32 adapters (PEFT's default) under bf16 autocast: without PEFT's input casts the loss
+    and every adapter gradient are bit for bit the same, with fewer copy kernels."""
+    from peft import LoraConfig, get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+
+    from internvl_worker.speedups import skip_adapter_input_casts
+    from internvl_worker.train import answer_loss_sum
+
+    base = copy.deepcopy(tiny.model).to(torch.bfloat16).train()
+    base.requires_grad_(False)
+    torch.manual_seed(0)
+    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)$", lora_dropout=0.0))
+    for name, p in plain.named_parameters():
+        if "lora_B" in name:  # B starts at 0: give A a gradient too
+            torch.nn.init.normal_(p, std=0.02)
+    assert {p.dtype for n, p in plain.named_parameters() if "lora_" in n} == {torch.float32}  # PEFT's autocast_adapter_dtype
+    fast = copy.deepcopy(plain)
+    assert skip_adapter_input_casts(fast) > 0
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = answer_loss_sum(model, offload_batch)
+            loss.backward()
+        copies = sum(e.count for e in prof.key_averages() if e.key in ("aten::_to_copy", "aten::copy_"))
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, copies
+
+    loss_a, grads_a, copies_a = run(plain)
+    loss_b, grads_b, copies_b = run(fast)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    print(f"LoRA under bf16 autocast: copy/cast ops {copies_a} with PEFT's input casts, {copies_b} without; loss {float(loss_a):.5f} both")
+    assert copies_b < copies_a, (copies_a, copies_b)

@@ -31,7 +31,7 @@ from .images import load_image
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, plain_linear_cross_entropy, setup_liger, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -638,6 +638,9 @@ def run_sft(args: SftArguments) -> Path:
 
     grad_accum = args.resolved_grad_accum(world)
     bf16 = on_gpu and compute == torch.bfloat16
+    if args.sft_type == "lora" and on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
+        # The Trainer runs forward under autocast (DeepSpeed does not: there the casts stay).
+        log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
     training_args = TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=args.batch_size,
