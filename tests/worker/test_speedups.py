@@ -140,6 +140,20 @@ def offload_batch(tiny, sft_dataset, tmp_path_factory):
     return collate([ds[0], ds[1]], tiny.template.tokenizer.pad_token_id)
 
 
+def _lora(model, layers: str):
+    """The model frozen with rank-4 adapters on the LLM's `layers` (a regex alternation); B drawn non-zero (it
+    starts at 0) so that A gets a gradient too."""
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=rf".*language_model.*\.({layers})$", lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 @pytest.mark.parametrize("sft_type", ["lora", "full"])
 def test_offloaded_saved_tensors_give_the_same_loss_and_gradients(tiny, offload_batch, checkpointing, sft_type):
@@ -149,14 +163,7 @@ def test_offloaded_saved_tensors_give_the_same_loss_and_gradients(tiny, offload_
 
     plain = copy.deepcopy(tiny.model).train()
     if sft_type == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        plain.requires_grad_(False)
-        torch.manual_seed(0)
-        plain = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj)$", lora_dropout=0.0))
-        for name, p in plain.named_parameters():
-            if "lora_B" in name:  # B starts at 0: give A a gradient too
-                torch.nn.init.normal_(p, std=0.02)
+        plain = _lora(plain, "q_proj|k_proj|v_proj")
     else:
         for name, p in plain.named_parameters():
             p.requires_grad_("vision_tower" not in name)
@@ -230,19 +237,12 @@ def test_sft_offload_activations_trains_the_same_curve(tiny_model_dir, tmp_path,
 def test_lora_without_input_casts_is_exact_under_autocast(tiny, offload_batch):
     """A bf16 base with fp32 adapters (PEFT's default) under bf16 autocast: without PEFT's input casts the loss
     and every adapter gradient are bit for bit the same, with fewer copy kernels."""
-    from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
 
     from internvl_worker.speedups import skip_adapter_input_casts
     from internvl_worker.train import answer_loss_sum
 
-    base = copy.deepcopy(tiny.model).to(torch.bfloat16).train()
-    base.requires_grad_(False)
-    torch.manual_seed(0)
-    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)$", lora_dropout=0.0))
-    for name, p in plain.named_parameters():
-        if "lora_B" in name:  # B starts at 0: give A a gradient too
-            torch.nn.init.normal_(p, std=0.02)
+    plain = _lora(copy.deepcopy(tiny.model).to(torch.bfloat16).train(), "q_proj|v_proj|down_proj")
     assert {p.dtype for n, p in plain.named_parameters() if "lora_" in n} == {torch.float32}  # PEFT's autocast_adapter_dtype
     fast = copy.deepcopy(plain)
     assert skip_adapter_input_casts(fast) > 0
