@@ -255,6 +255,17 @@ class ImageTiler:
         return torch.from_numpy(out["pixel_values"].astype(np.uint8)), [int(n) for n in out["num_patches"]]
 
 
+def pixels_on_device(pixel_values, device=None):
+    """Float pixel values on `device` (None: where they are): the processor's float tiles moved there, or
+    uint8 tiles (`ImageTiler(..., normalize=False)`, as serving's preprocessing and training's data loader
+    make them) normalized there by `normalize_pixels`."""
+    import torch
+
+    if pixel_values.dtype == torch.uint8:
+        return normalize_pixels(pixel_values, device)
+    return pixel_values.to(device)
+
+
 def normalize_pixels(pixels, device=None):
     """uint8 tiles (from `ImageTiler(..., normalize=False)`) -> the float32 pixel values the processor makes:
     rescale by 1/255 in float64 rounded to float32, then (x - mean) / std per channel in float32: the operations

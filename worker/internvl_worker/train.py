@@ -27,7 +27,7 @@ import torch
 from . import checkpoints as ckpt
 from .data import RowError, read_dataset
 from .fsutil import write_json_atomic
-from .images import load_image
+from .images import load_image, pixels_on_device
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
@@ -175,10 +175,8 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     the Trainer's autocast, inside DDP's forward, and with the head's weight gathered under ZeRO-3."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
-    if inputs.get("pixel_values") is not None and inputs["pixel_values"].dtype == torch.uint8:  # SftDataset(uint8=True)
-        from .images import normalize_pixels
-
-        inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"])
+    if inputs.get("pixel_values") is not None:  # SftDataset(uint8=True)'s uint8 tiles are normalized here
+        inputs["pixel_values"] = pixels_on_device(inputs["pixel_values"])
     # collate() right-pads, so the causal mask alone keeps every real token's attention off the padding (the
     # padded positions' own outputs carry no label). Without a mask SDPA runs flash attention; with one it
     # falls back to the memory-efficient kernel, 36% of a LoRA step's kernel time (H100, 1B shape, realistic

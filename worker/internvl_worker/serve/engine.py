@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..images import pixels_on_device
 from .sampling import RowState, SamplingParams, next_tokens
 
 log = logging.getLogger(__name__)
@@ -189,17 +190,6 @@ def encode_images(sm: ServedModel, pixel_values, adapter: str | None = None):
         )
     # 5.24 returns an output object (features in pooler_output); earlier 5.x the features tensor itself
     return out.pooler_output if hasattr(out, "pooler_output") else out
-
-
-def pixels_on_device(pixel_values, device):
-    """Float pixel values on `device`; prepare.py's uint8 tiles are normalized there (images.normalize_pixels)."""
-    import torch
-
-    from ..images import normalize_pixels
-
-    if pixel_values.dtype == torch.uint8:
-        return normalize_pixels(pixel_values, device)
-    return pixel_values.to(device)
 
 
 def vision_features_off_thread(sm: ServedModel, pixel_values):
@@ -469,7 +459,7 @@ class Engine:
         graphs = dec.capture_all() if dec.use_graphs else 0
         self.decode_info = {
             "decode": "graphs" if dec.use_graphs else "static", "kernels": kernels, "layers": "fused" if dec.fused is not None else "transformers",
-            "attention": "triton split-KV" if dec.fused is not None and dec.fused.kernels is not None else "sdpa",
+            "attention": "triton split-KV" if dec.own_attention else "sdpa",
             "compiled": self.compile, "slots": rows, "max_len": self.max_total_tokens,
             "prefill_chunk_tokens": self.prefill_chunk_tokens if dec.scratch is not None else None,
             "kv_cache_gb": round(dec.bytes / 1e9, 2), "graphs": graphs, "capture_s": round(time.monotonic() - t0, 2),

@@ -33,6 +33,8 @@ import sys
 import torch
 from torch import nn
 
+from .slots import kv_shape
+
 _ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rotary_fn"}
 _MLP = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 _LAYER = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -138,8 +140,7 @@ def triton_unsupported(lm) -> str | None:
     module = type(lm.layers[0].self_attn).__module__.rsplit(".", 1)[-1]
     if module.removeprefix("modeling_") not in _ROTATE_HALF:
         return f"{module}: RoPE layout not known to be rotate-half"
-    cfg = lm.config
-    if (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) % 2:
+    if kv_shape(lm.config)[2] % 2:
         return "odd head dim"
     return None
 
@@ -160,8 +161,7 @@ class FusedLayers:
         cfg = lm.config
         self.lm = lm
         self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        _, self.kv_heads, self.head_dim = kv_shape(cfg)
         self.inter = lm.layers[0].mlp.gate_proj.out_features
         with torch.inference_mode(False), torch.no_grad():
             self.layers = [_Layer(layer, liger) for layer in lm.layers]

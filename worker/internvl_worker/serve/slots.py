@@ -161,6 +161,11 @@ class SlotDecoder:
         self._run = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
     @property
+    def own_attention(self) -> bool:
+        """Whether the step runs our Triton kernels (kernels.py) rather than SDPA."""
+        return self.fused is not None and self.fused.kernels is not None
+
+    @property
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
 
@@ -283,7 +288,7 @@ class SlotDecoder:
         graph.replay()
 
     def _forward(self, b: int, length: int) -> None:
-        if self.fused is not None and self.fused.kernels is not None:  # our own attention: no SDPA in the step
+        if self.own_attention:  # no SDPA in the step
             self._forward_step(b, length)
             return
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -302,14 +307,11 @@ class SlotDecoder:
         import torch
 
         pos = self.pos[:b]
-        if self.fused is None or self.fused.kernels is None:
-            allowed = (self.columns[:length][None, :] <= pos[:, None])[:, None, None, :]  # (b, 1, 1, L)
+        # Our own attention kernel reads each row's columns up to its position and needs no mask.
+        allowed = None if self.own_attention else (self.columns[:length][None, :] <= pos[:, None])[:, None, None, :]  # (b, 1, 1, L)
         if self.fused is not None:
-            # One additive mask for every layer (a boolean one is converted inside each attention call); our
-            # own attention kernel needs none.
-            bias = None
-            if self.fused.kernels is None:
-                bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+            # One additive mask for every layer (a boolean one is converted inside each attention call).
+            bias = None if allowed is None else torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
             hidden = self.fused.forward(self.ids[:b], pos, bias, self._slot_kv, self.rows[:b], length)
         else:
             for layer in self.layers:
