@@ -294,6 +294,8 @@ COMPILE = ["--torch_compile", "true"]
 CONFIGS = {
     "naive-lora": ("naive", False, "real", 4, []),
     "ours-lora-b4": ("ours", False, "real", 4, NOGC + ["--group_by_length", "false"]),
+    "ours-lora-b8": ("ours", False, "real", 8, NOGC),
+    "ours-lora-b8-liger": ("ours", False, "real", 8, NOGC + LIGER),
     "ours-lora-b8-gc": ("ours", False, "real", 8, GC),
     "ours-lora-b8-gc-liger": ("ours", False, "real", 8, GC + LIGER),
     "ours-lora-b8-gc-compile": ("ours", False, "real", 8, GC + COMPILE),
@@ -301,6 +303,8 @@ CONFIGS = {
     "ours-lora-b8-gc-packed-flex": ("ours", False, "real", 8, GC + ["--packing", "true", "--attn_impl", "flex_attention"]),
     "naive-full": ("naive", True, "real", 4, []),
     "ours-full-b4": ("ours", True, "real", 4, NOGC + ["--group_by_length", "false"]),
+    "ours-full-b8": ("ours", True, "real", 8, NOGC),
+    "ours-full-b8-liger": ("ours", True, "real", 8, NOGC + LIGER),
     "ours-full-b8-gc": ("ours", True, "real", 8, GC),
     "ours-full-b8-gc-liger": ("ours", True, "real", 8, GC + LIGER),
     "ours-full-b16-gc": ("ours", True, "real", 16, GC),
