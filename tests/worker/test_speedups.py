@@ -24,9 +24,13 @@ from internvl_worker.train import answer_loss_sum, collate, run_sft
 from .synth import color_dataset
 
 
-def test_flags_parse_and_default_off():
+def test_flags_parse_and_defaults():
     parse = lambda *extra: from_namespace(build_parser().parse_args(["sft", "--dataset", "d.jsonl", *extra]))  # noqa: E731
-    assert not parse().use_liger_kernel and not parse().torch_compile
+    assert parse().use_liger_kernel is None and not parse().torch_compile  # Liger: auto
+    assert parse().resolved_liger(available=True) and not parse().resolved_liger(available=False)
+    assert not parse("--torch_compile", "true").resolved_liger(available=True)  # compiled layers keep torch's kernels
+    assert not parse("--use_liger_kernel", "false").resolved_liger(available=True)
+    assert parse("--use_liger_kernel", "true").resolved_liger(available=False)  # asked for: warns, then falls back
     on = parse("--use_liger_kernel", "true", "--torch_compile", "yes")
     assert on.use_liger_kernel and on.torch_compile
     with pytest.raises(SystemExit):
@@ -57,7 +61,8 @@ def test_sft_with_liger_flag_but_no_liger_trains_on_the_plain_path(tiny_model_di
     with caplog.at_level(logging.WARNING):
         last = run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "out"), use_liger_kernel=True, max_steps=2, save_steps=2, logging_steps=1, batch_size=4, gradient_accumulation_steps=1, dataloader_num_workers=0, gradient_checkpointing=False, dataset_test_ratio=0))
     assert "pip install liger-kernel" in caplog.text
-    assert json.loads((last / "sft_args.json").read_text())["use_liger_kernel"] is True
+    written = json.loads((last / "sft_args.json").read_text())
+    assert written["use_liger_kernel"] is True and written["liger_kernels"] is False  # asked for, not run
     records = [json.loads(line) for line in (last.parent / "logging.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "progress" and "loss" in r] == [1, 2]
 
@@ -261,3 +266,92 @@ def test_lora_without_input_casts_is_exact_under_autocast(tiny, offload_batch):
     assert grads_a.keys() == grads_b.keys() and grads_a and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
     print(f"LoRA under bf16 autocast: copy/cast ops {copies_a} with PEFT's input casts, {copies_b} without; loss {float(loss_a):.5f} both")
     assert copies_b < copies_a, (copies_a, copies_b)
+
+
+def _loss_and_grads(model, batch, autocast: bool = False):
+    from internvl_worker.train import answer_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, _, _ = answer_loss_sum(model, batch)
+        loss.backward()
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_update_gives_peft_loss_and_gradients(tiny, offload_batch, dropout):
+    """In fp32 the fused forward (one addmm into the base output) gives PEFT's loss and adapter gradients, with
+    LoRA dropout too (the same random mask from the same seed: dropout runs once on the same input)."""
+    from internvl_worker.speedups import fuse_lora_updates
+
+    plain = _lora(copy.deepcopy(tiny.model).train(), "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
+    for module in plain.modules():
+        if hasattr(module, "lora_dropout") and dropout:
+            module.lora_dropout["default"] = torch.nn.Dropout(dropout)
+    fused = copy.deepcopy(plain)
+    assert fuse_lora_updates(fused) == 7 * len(tiny.model.model.language_model.layers)
+    torch.manual_seed(1)
+    loss_a, grads_a = _loss_and_grads(plain, offload_batch)
+    torch.manual_seed(1)
+    loss_b, grads_b = _loss_and_grads(fused, offload_batch)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * len(tiny.model.model.language_model.layers)
+    worst = max(_rel(grads_b[k], grads_a[k]) for k in grads_a)
+    assert worst < 1e-5, worst
+
+
+def test_fused_lora_update_under_bf16_autocast_runs_no_output_sized_multiply_or_add(tiny, offload_batch):
+    """A bf16 base with fp32 adapters under bf16 autocast (the Trainer's LoRA setting): PEFT's multiply and add
+    over each adapted layer's output are gone from forward and backward, and the loss and gradients are as close
+    to an fp32 run's as PEFT's own bf16 path is (one rounding of the sum instead of three)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from internvl_worker.speedups import fuse_lora_updates, skip_adapter_input_casts
+
+    reference = _lora(copy.deepcopy(tiny.model).train(), "gate_proj|up_proj")
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
+    for name, p in plain.named_parameters():  # PEFT's default: fp32 adapters on a bf16 base
+        if "lora_" in name:
+            p.data = p.data.float()
+    skip_adapter_input_casts(plain)
+    fused = copy.deepcopy(plain)
+    fuse_lora_updates(fused)
+    intermediate = tiny.model.config.text_config.intermediate_size
+
+    def output_sized_ops(model):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            loss, grads = _loss_and_grads(model, offload_batch, autocast=True)
+        ops = [e for e in prof.events() if e.name in ("aten::mul", "aten::add") and e.input_shapes and len(e.input_shapes[0]) == 3 and e.input_shapes[0][-1] == intermediate]
+        return loss, grads, len(ops)
+
+    loss_ref, grads_ref = _loss_and_grads(reference, offload_batch)
+    loss_p, grads_p, ops_p = output_sized_ops(plain)
+    loss_f, grads_f, ops_f = output_sized_ops(fused)
+    err = (_rel(loss_p, loss_ref), max(_rel(grads_p[k], grads_ref[k]) for k in grads_ref), _rel(loss_f, loss_ref), max(_rel(grads_f[k], grads_ref[k]) for k in grads_ref))
+    print(f"bf16 autocast vs fp32: PEFT loss {err[0]:.2e}, worst gradient {err[1]:.2e}; fused loss {err[2]:.2e}, worst gradient {err[3]:.2e}; multiply/add ops over the MLP's width {ops_p} -> {ops_f}")
+    assert grads_f.keys() == grads_ref.keys()
+    assert ops_f < ops_p, (ops_p, ops_f)
+    assert err[2] <= max(2 * err[0], 1e-3) and err[3] <= max(2 * err[1], 1e-2), err
+
+
+def test_fused_lora_forward_defers_to_peft_when_adapters_are_off_or_merged(tiny, offload_batch):
+    from internvl_worker.speedups import fuse_lora_updates
+
+    model = _lora(copy.deepcopy(tiny.model).eval(), "q_proj|v_proj")
+    fuse_lora_updates(model)
+    base_model = copy.deepcopy(tiny.model).eval()
+    inputs = {k: v for k, v in offload_batch.items() if k != "labels"}
+    with torch.no_grad():
+        base = base_model(**inputs).logits
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            off = model(**inputs).logits
+        model.merge_adapter()
+        merged = model(**inputs).logits
+    assert not torch.allclose(adapted, base, atol=1e-4)  # the adapters do something
+    assert torch.equal(off, base)
+    assert (merged - adapted).abs().max() < 1e-3 * adapted.abs().max()  # fp32 merge rounding only

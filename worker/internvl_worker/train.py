@@ -31,7 +31,7 @@ from .images import load_image, pixels_on_device
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, fuse_lora_updates, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -601,7 +601,8 @@ def run_sft(args: SftArguments) -> Path:
 
     model = loaded.model
     model.config.use_cache = False
-    linear_ce = setup_liger(model) if args.use_liger_kernel else None  # before PEFT wraps the layers
+    use_liger = args.resolved_liger(available=liger_unavailable() is None)
+    linear_ce = setup_liger(model) if use_liger else None  # before PEFT wraps the layers
     model, trainable, total = prepare_trainable(model, args, spec)
     if args.gradient_checkpointing:
         enable_checkpointing(model)
@@ -621,6 +622,7 @@ def run_sft(args: SftArguments) -> Path:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": world,
+        "liger_kernels": linear_ce is not None,
     }
     if rank == 0:
         write_json_atomic(run_dir / "sft_args.json", sft_args)
@@ -636,6 +638,8 @@ def run_sft(args: SftArguments) -> Path:
 
     grad_accum = args.resolved_grad_accum(world)
     bf16 = on_gpu and compute == torch.bfloat16
+    if args.sft_type == "lora":
+        log.info("LoRA updates added by one addmm into the base output: %d layers", fuse_lora_updates(model))
     if args.sft_type == "lora" and on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
         # The Trainer runs forward under autocast (DeepSpeed does not: there the casts stay).
         log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
