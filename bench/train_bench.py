@@ -3,6 +3,7 @@
     python bench/train_bench.py --list                     # the configs and what each one changes
     python bench/train_bench.py --steps 24                 # all configs
     python bench/train_bench.py --only naive-full-fixed,ours-full-fixed,ours-full-fixed-liger   # 4,096-token rows (MFU)
+    python bench/train_bench.py --only naive-lora,ours-lora-curve,naive-full,ours-full-curve --steps 16 --warmup 4 --what curve
 
 Model: the InternVL3-1B layout (InternViT-300M + Qwen2-0.5B) with random weights (speed does not depend on
 values). Data (seeded): "real" rows have 0-2 images whose aspect ratios pick 1-12 tiles (+ a thumbnail when more
@@ -13,14 +14,17 @@ default settings: padding to the longest row of a random batch, the model's own 
 logits, images decoded in the main process. Ours = `internvl sft` with its defaults plus the flags in CONFIGS.
 
 Reported per config: samples/s, real (non-padding) tokens/s, model-FLOPs utilisation against the card's
-measured bf16 matmul peak (model_flops says what counts), peak memory, mean loss of the last steps; ratios
-ours / naive, and for a config that only adds one option (-liger, -compile), ours / the same config without it.
+measured bf16 matmul peak (model_flops says what counts), peak memory, mean loss of the last steps, and every
+step's loss and real tokens (warmup included); ratios ours / naive, for a config that only adds one option
+(-liger, -compile) ours / the same config without it, and for a -curve config (naive's rows, order, batch and
+optimisation) its per-step loss against naive's (curve_ratios).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -201,18 +205,35 @@ def row_stats(data: Path, template) -> list[dict]:
     return stats
 
 
-def run_naive(model_dir: Path, data: Path, *, full: bool, steps: int, batch: int, warmup: int) -> dict:
-    """transformers' Trainer + PEFT, defaults: the loop a person writes from the docs."""
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+SEED = 0  # naive's TrainingArguments seed and data_seed, ours' --seed
+NAIVE_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"  # the LLM's 7 linear layers
 
-    from internvl_worker.data import read_dataset
+
+def learning_rate(full: bool) -> float:
+    return 1e-5 if full else 1e-4
+
+
+def naive_training_args(*, full: bool, steps: int, batch: int, on_gpu: bool):
+    """The naive loop's TrainingArguments: transformers' defaults (AdamW, linear decay, no warmup, weight decay
+    0, RandomSampler) plus what a run needs. data_seed = seed: the sampler's order then rests on the seed alone,
+    not on whatever last seeded torch's generator (the Trainer falls back to torch.initial_seed())."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir="/tmp/naive-out", per_device_train_batch_size=batch, max_steps=steps, learning_rate=learning_rate(full),
+                             bf16=on_gpu, use_cpu=not on_gpu, logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False,
+                             disable_tqdm=True, seed=SEED, data_seed=SEED)  # fmt: skip
+
+
+def naive_model(model_dir: Path, *, full: bool, on_gpu: bool):
+    """(loaded, model to train): seeded, loaded and frozen or wrapped in LoRA in run_sft's order (set_seed, load,
+    then PEFT), so LoRA's A matrices are drawn from the same generator state as ours'. On a GPU LoRA keeps a bf16
+    base and full fp32 master weights (as ours); on a CPU both are fp32 (as ours)."""
+    from transformers import set_seed
+
     from internvl_worker.modeling import load_model
-    from internvl_worker.train import SftDataset, collate, setup_numerics
 
-    setup_numerics()  # the same NaN guard for both: cuDNN SDPA off
-    torch.cuda.reset_peak_memory_stats()
-    loaded = load_model(model_dir, dtype="fp32" if full else "bf16", device_map={"": 0}, max_length=8192)
+    set_seed(SEED)
+    loaded = load_model(model_dir, dtype="fp32" if full or not on_gpu else "bf16", device_map={"": 0} if on_gpu else None, max_length=8192)
     model = loaded.model
     model.config.use_cache = False
     if full:
@@ -221,10 +242,27 @@ def run_naive(model_dir: Path, data: Path, *, full: bool, steps: int, batch: int
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$", task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=NAIVE_LORA_TARGETS, task_type="CAUSAL_LM"))
+    return loaded, model
+
+
+def run_naive(model_dir: Path, data: Path, *, full: bool, steps: int, batch: int, warmup: int) -> dict:
+    """transformers' Trainer + PEFT, defaults: the loop a person writes from the docs. Runs on a CPU too (fp32,
+    no autocast, no memory figure), for tests."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from internvl_worker.data import read_dataset
+    from internvl_worker.train import SftDataset, collate, setup_numerics
+
+    on_gpu = torch.cuda.is_available()
+    setup_numerics()  # the same NaN guard for both: cuDNN SDPA off
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    loaded, model = naive_model(model_dir, full=full, on_gpu=on_gpu)
     rows = read_dataset(data)
     ds = SftDataset(rows, loaded.template, [0] * len(rows))
-    times, losses, batch_tokens = [], [], []  # real tokens of each batch, in the order the steps take them
+    times, losses, batch_tokens = [], {}, []  # real tokens of each batch, in the order the steps take them
 
     def collate_and_count(b):
         out = collate(b, loaded.template.tokenizer.pad_token_id)
@@ -233,42 +271,63 @@ def run_naive(model_dir: Path, data: Path, *, full: bool, steps: int, batch: int
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            if on_gpu:
+                torch.cuda.synchronize()
             times.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                losses.append(logs["loss"])
+                losses[state.global_step] = logs["loss"]
 
-    args = TrainingArguments(output_dir="/tmp/naive-out", per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5 if full else 1e-4,
-                             bf16=True, logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False, disable_tqdm=True, seed=0)  # fmt: skip
+    args = naive_training_args(full=full, steps=steps, batch=batch, on_gpu=on_gpu)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_and_count, callbacks=[Timer()])
     trainer.train()
     span = times[-1] - times[warmup - 1]
+    per_step = [losses[s] for s in sorted(losses)]
     result = {"samples_per_s": round((steps - warmup) * batch / span, 3), "real_tokens_per_s": round(sum(batch_tokens[warmup:steps]) / span, 1), "step_s": round(span / (steps - warmup), 4),
-              "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4)}  # fmt: skip
+              "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_gpu else 0, "loss_last": round(sum(per_step[-5:]) / len(per_step[-5:]), 4),
+              "rows": len(rows), "losses": per_step, "batch_tokens": batch_tokens[:steps]}  # fmt: skip
     del trainer, model, loaded
-    torch.cuda.empty_cache()
+    if on_gpu:
+        torch.cuda.empty_cache()
     return result
 
 
-def run_ours(model_dir: Path, data: Path, out: Path, *, full: bool, steps: int, batch: int, warmup: int, extra: list[str]) -> dict:
+def ours_command(model_dir: Path, data: Path, out: Path, *, full: bool, steps: int, batch: int, extra: list[str], workers: int = 6) -> list[str]:
+    """`internvl sft` as every ours config runs it: naive's seed, learning rate, no warmup, no validation split,
+    every step logged, LoRA r 8 / alpha 32 / dropout 0 on the LLM's 7 linear layers; then the config's flags
+    (argparse keeps the last of a repeated flag, so `extra` may override these)."""
     cmd = [sys.executable, "-m", "internvl_worker", "sft", "--model_id_or_path", str(model_dir), "--dataset", str(data), "--output_dir", str(out),
            "--add_output_dir_suffix", "false", "--max_steps", str(steps), "--batch_size", str(batch), "--gradient_accumulation_steps", "1",
            "--logging_steps", "1", "--save_steps", "100000", "--eval_steps", "100000", "--dataset_test_ratio", "0",
-           "--max_length", "8192", "--dataloader_num_workers", "6", "--warmup_ratio", "0", "--seed", "0",
-           "--sft_type", "full" if full else "lora", "--learning_rate", "1e-5" if full else "1e-4", *extra]  # fmt: skip
+           "--max_length", "8192", "--dataloader_num_workers", str(workers), "--warmup_ratio", "0", "--seed", str(SEED),
+           "--sft_type", "full" if full else "lora", "--learning_rate", str(learning_rate(full))]  # fmt: skip
     if not full:
-        cmd += ["--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--freeze_vit", "true", "--lora_dropout", "0"]
+        cmd += ["--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--freeze_vit", "true", "--lora_dropout", "0", "--lora_rank", "8", "--lora_alpha", "32"]
     else:
         cmd += ["--freeze_vit", "true", "--freeze_aligner", "false"]
+    return cmd + list(extra)
+
+
+def run_ours(model_dir: Path, data: Path, out: Path, *, full: bool, steps: int, batch: int, warmup: int, extra: list[str], workers: int = 6) -> dict:
+    cmd = ours_command(model_dir, data, out, full=full, steps=steps, batch=batch, extra=extra, workers=workers)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "worker"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr[-20000:])
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-3:]}
     records = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
-    return timed_throughput(records, batch=batch, warmup=warmup)
+    start = next((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event": "start"')), {})
+    rows = {k: start[k] for k in ("train_rows", "val_rows", "dropped_rows") if k in start}
+    return timed_throughput(records, batch=batch, warmup=warmup) | rows | step_records(records, batch=batch)
+
+
+def step_records(records: list[dict], *, batch: int) -> dict:
+    """Every step's loss and real tokens (warmup included) from sft's progress records, one a step
+    (--logging_steps 1). sft logs no token count, only rates over the same interval: tokens/s x batch /
+    samples/s, to within their rounding (a few tokens in 10,000), enough to tell two batches apart."""
+    progress = sorted((r for r in records if r["event"] == "progress" and "loss" in r), key=lambda r: r["step"])
+    return {"losses": [r["loss"] for r in progress], "batch_tokens": [round(r["tokens_per_s"] * batch / r["samples_per_s"]) for r in progress]}
 
 
 def timed_throughput(records: list[dict], *, batch: int, warmup: int) -> dict:
@@ -291,6 +350,14 @@ NOGC = ["--gradient_checkpointing", "false"]
 GC = ["--gradient_checkpointing", "true"]
 LIGER = ["--use_liger_kernel", "true"]
 COMPILE = ["--torch_compile", "true"]
+# The "-curve" configs: naive's rows in naive's order at naive's batch with naive's optimisation (HF Trainer
+# defaults), so that their per-step losses can be set beside naive's. ours_command already gives the seed,
+# learning rate, warmup 0, no validation split, max_length 8192 (no realistic row is dropped) and the LoRA
+# settings; these remove what differs besides: sft's length-grouped sampler, its weight decay 0.1 and its
+# cosine schedule. max_grad_norm 1.0 is both defaults, given so a change of sft's default shows here.
+# Everything else is ours' own defaults (gradient checkpointing, answer-only logits, uint8 pixels, workers, the
+# fused LoRA update, Liger where installed on a GPU): they change the rounding, not the math.
+CURVE = ["--group_by_length", "false", "--weight_decay", "0", "--lr_scheduler_type", "linear", "--max_grad_norm", "1.0"]
 CONFIGS = {
     "naive-lora": ("naive", False, "real", 4, []),
     "ours-lora-b4": ("ours", False, "real", 4, NOGC + ["--group_by_length", "false"]),
@@ -301,7 +368,9 @@ CONFIGS = {
     "ours-lora-b8-gc-compile": ("ours", False, "real", 8, GC + COMPILE),
     "ours-lora-b8-gc-packed": ("ours", False, "real", 8, GC + ["--packing", "true"]),
     "ours-lora-b8-gc-packed-flex": ("ours", False, "real", 8, GC + ["--packing", "true", "--attn_impl", "flex_attention"]),
+    "ours-lora-curve": ("ours", False, "real", 4, CURVE),
     "naive-full": ("naive", True, "real", 4, []),
+    "ours-full-curve": ("ours", True, "real", 4, CURVE),
     "ours-full-b4": ("ours", True, "real", 4, NOGC + ["--group_by_length", "false"]),
     "ours-full-b8": ("ours", True, "real", 8, NOGC),
     "ours-full-b8-liger": ("ours", True, "real", 8, NOGC + LIGER),
@@ -319,6 +388,7 @@ CONFIGS = {
     "ours-full-fixed-b8-gc-liger": ("ours", True, "fixed", 8, GC + LIGER),
 }
 OPTION_SUFFIXES = ("-liger", "-compile")
+CURVE_SUFFIX = "-curve"
 FIXED_TOKENS = 4096
 
 
@@ -412,6 +482,36 @@ def main() -> int:
     return 0
 
 
+def naive_counterpart(name: str) -> str:
+    """The naive config an ours config is compared with: the same method and data (ours-lora-curve -> naive-lora)."""
+    return "naive-" + name.split("-")[1] + ("-fixed" if "-fixed" in name else "")
+
+
+def curve_ratios(name: str, ours: dict, naive: dict) -> dict:
+    """Per-step loss of a -curve config against its naive counterpart over the steps both logged:
+    `_loss_max_abs_diff`, `_loss_mean_abs_diff`; for scale, the naive run's own step-to-step change,
+    mean |loss[t] - loss[t-1]| (`_naive_loss_step_noise`: what a different batch moves the loss by); and
+    `_batch_tokens_max_rel_diff`, the largest relative difference in real tokens of the same step's batch
+    (about 0 when both took the same rows: ours' counts are rounded, see step_records), and `_rows_match`:
+    ours trained on all of naive's rows (none held out for validation or dropped over --max_length). A step
+    where either loss is not finite is counted in `_loss_nonfinite_steps` and left out of the differences."""
+    a, b = ours.get("losses", []), naive.get("losses", [])
+    n = min(len(a), len(b))
+    pairs = [(x, y) for x, y in zip(a[:n], b[:n]) if math.isfinite(x) and math.isfinite(y)]
+    diffs = [abs(x - y) for x, y in pairs]
+    noise = [abs(y - x) for x, y in itertools.pairwise(b) if math.isfinite(x) and math.isfinite(y)]
+    out = {f"{name}_loss_steps": n, f"{name}_loss_nonfinite_steps": n - len(pairs),
+           f"{name}_loss_max_abs_diff": round(max(diffs), 6) if diffs else None,
+           f"{name}_loss_mean_abs_diff": round(sum(diffs) / len(diffs), 6) if diffs else None,
+           f"{name}_naive_loss_step_noise": round(sum(noise) / len(noise), 6) if noise else None}  # fmt: skip
+    out[f"{name}_rows_match"] = ours.get("train_rows") == naive.get("rows") and not ours.get("val_rows") and not ours.get("dropped_rows")
+    ta, tb = ours.get("batch_tokens", []), naive.get("batch_tokens", [])
+    m = min(len(ta), len(tb), n)
+    if m:
+        out[f"{name}_batch_tokens_max_rel_diff"] = round(max(abs(x - y) / max(y, 1) for x, y in zip(ta[:m], tb[:m])), 6)
+    return out
+
+
 def write_record(args, results: dict, stats: dict, peak: float, shape: dict) -> None:
     """Rewritten after every config, so a run cut short still leaves what it measured."""
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -419,10 +519,12 @@ def write_record(args, results: dict, stats: dict, peak: float, shape: dict) -> 
     ratios = {}
     for name, r in results.items():
         if name.startswith("ours-") and "error" not in r:
-            base = "naive-" + name.split("-")[1] + ("-fixed" if "-fixed" in name else "")
+            base = naive_counterpart(name)
             if base in results and "samples_per_s" in results[base]:
                 ratios[f"{name}_speedup"] = round(r["samples_per_s"] / results[base]["samples_per_s"], 3)
                 ratios[f"{name}_token_speedup"] = round(r["real_tokens_per_s"] / results[base]["real_tokens_per_s"], 3)
+                if name.endswith(CURVE_SUFFIX):
+                    ratios.update(curve_ratios(name, r, results[base]))
             for suffix in OPTION_SUFFIXES:  # the option on / off, same run
                 off = name.removesuffix(suffix)
                 if off != name and "samples_per_s" in results.get(off, {}):
@@ -430,7 +532,8 @@ def write_record(args, results: dict, stats: dict, peak: float, shape: dict) -> 
     config = {"model": "InternVL3-1B layout, random weights", "steps": args.steps, "warmup_steps_excluded": args.warmup,
               "data": {k: {"rows": len(s), "mean_tokens": round(mean([r['tokens'] for r in s])), "min_tokens": min(r['tokens'] for r in s), "max_tokens": max(r['tokens'] for r in s),
                            "mean_tiles": round(mean([r['tiles'] for r in s]), 2), "mean_answer_tokens": round(mean([r['answer_tokens'] for r in s]))} for k, s in stats.items()},
-              "lora": "r 8, alpha 32, dropout 0 (PEFT's default, as naive), all LLM linear layers; ViT frozen", "full": "LLM + projector trained, ViT frozen", "measured_peak_tflops": round(peak, 1),
+              "lora": "r 8, alpha 32, dropout 0 (PEFT's default, as naive), all LLM linear layers; ViT frozen",
+              "curve": "ours-*-curve: naive's rows, order (RandomSampler seeded by data_seed 0), batch 4, learning rate, linear schedule, no warmup, weight decay 0, seed 0 (set before the model is built); every config records its per-step losses and real tokens per step (batch_tokens)", "full": "LLM + projector trained, ViT frozen", "measured_peak_tflops": round(peak, 1),
               "model_shape": shape, "mfu": "measured real tokens/s x the data's useful FLOPs per real token (model_flops: 6N/4N per token, causal attention, answer-only LM head, frozen ViT forward) / measured peak"}  # fmt: skip
     path = write_result(args.results_dir, "train", args.what, config=config, baselines={k: v for k, v in results.items() if k.startswith("naive")},
                         ours={k: v for k, v in results.items() if k.startswith("ours")}, ratios=ratios)  # fmt: skip
