@@ -236,7 +236,11 @@ class TrainingSpec(Spec):
     batch_size: int = Field(default=1, ge=1, le=1024, description="Per-GPU micro-batch size.")
     gradient_accumulation_steps: int = Field(default=16, ge=1, le=4096, description="Micro-batches per step.")
     max_length: int = Field(default=2048, ge=64, le=131072, description="Max tokens per row (image tokens included).")
-    gradient_checkpointing: bool = Field(default=True, description="Trade ~30% speed for activation memory.")
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute decoder layers in backward. Unset: per batch, only as many layers as GPU memory needs "
+        "(none when it fits); true: every layer (least memory, 1.15-1.28x slower steps); false: none.",
+    )
     save_steps: int = Field(default=100, ge=1, le=1_000_000, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(default=2, ge=1, le=100, description="Checkpoints kept on the output PVC.")
     max_steps: int | None = Field(

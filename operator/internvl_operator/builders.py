@@ -362,8 +362,9 @@ def sft_args(ft: api.InternVLFineTune, *, model_arg: str) -> list[str]:
         "--batch_size", str(tr.batch_size),
         "--gradient_accumulation_steps", str(tr.gradient_accumulation_steps),
         "--max_length", str(tr.max_length),
-        "--gradient_checkpointing", _fmt(tr.gradient_checkpointing),
     ]  # fmt: skip
+    if tr.gradient_checkpointing is not None:
+        args += ["--gradient_checkpointing", _fmt(tr.gradient_checkpointing)]
     if tr.max_steps is not None:
         args += ["--max_steps", str(tr.max_steps)]
     if tr.logging_steps is not None:

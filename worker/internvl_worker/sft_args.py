@@ -45,7 +45,7 @@ class SftArguments:
     lora_target_modules: str = field(default="DEFAULT", metadata={"help": "DEFAULT (LLM q/k/v) | ALL (every linear layer, vision too) | comma-separated names"})
     freeze_vit: bool = field(default=True, metadata={"help": "keep the vision tower frozen"})
     freeze_aligner: bool = field(default=True, metadata={"help": "keep the vision-language projector frozen"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward: less memory, ~30% slower"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute decoder layers' activations in backward: true = every layer (least memory; 1.15-1.28x slower steps on the 1B shape, bench/README.md); false = none; auto = before each step, only as many of the language model's layers as that batch needs to fit in 90% of the GPU's memory (none when it fits); auto is true on a CPU and with --offload_activations"})
     deepspeed: str | None = field(default=None, metadata={"help": "default-zero2 | default-zero3 | path to a DeepSpeed JSON config"})
     # optimisation
     learning_rate: float | None = field(default=None, metadata={"help": "default 1e-4 for LoRA, 1e-5 for full"})
@@ -102,6 +102,12 @@ class SftArguments:
             # hooks; the offload hooks would copy every gathered weight to the host instead.
             problems.append(f"--offload_activations true does not work with ZeRO-3 (--deepspeed {self.deepspeed}): use ZeRO-2 (default-zero2) or turn offloading off")
         return problems
+
+    def resolved_checkpointing(self, on_gpu: bool) -> str:
+        """all | none | auto (per batch, as memory needs: on a GPU, without offloading)."""
+        if self.gradient_checkpointing is None:
+            return "auto" if on_gpu and not self.offload_activations else "all"
+        return "all" if self.gradient_checkpointing else "none"
 
     def resolved_liger(self, available: bool) -> bool:
         """--use_liger_kernel as given, or where unset: on when Liger can run here and nothing is compiled."""

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoints as ckpt
+from .checkpointing import CheckpointPlan, plan_checkpointing
 from .data import RowError, read_dataset
 from .fsutil import write_json_atomic
 from .images import load_image, pixels_on_device
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, fuse_lora_updates, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, fuse_lora_updates, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,8 @@ def make_trainer_class():
                 record["skipped_steps"] = tr.skipped_steps
                 if torch.cuda.is_available():
                     record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                if tr.checkpoint_plan is not None and tr.checkpoint_plan.last is not None:  # --gradient_checkpointing auto
+                    record["checkpointed_layers"] = tr.checkpoint_plan.last
                 if tr.last_offload is not None:  # --offload_activations: what the last forward held on the host
                     record["offloaded_gb"] = round(tr.last_offload.moved_bytes / 1e9, 3)
                 self.t0, self.tokens0, self.step0 = now, tr.tokens_seen, state.global_step
@@ -361,8 +364,9 @@ def make_trainer_class():
                 self.bar.close()
 
     class InternVLTrainer(Trainer):
-        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, group_by_length: bool = False, packing: bool = False, linear_ce: LinearCrossEntropy | None = None, offload_activations: bool = False, **kw):
+        def __init__(self, *a, run_dir: Path, save_extras, max_nonfinite_steps: int, keep_checkpoints: int | None, group_by_length: bool = False, packing: bool = False, linear_ce: LinearCrossEntropy | None = None, offload_activations: bool = False, checkpoint_plan: CheckpointPlan | None = None, **kw):
             super().__init__(*a, **kw)
+            self.checkpoint_plan = checkpoint_plan
             self.group_by_length, self.packing, self.linear_ce = group_by_length, packing, linear_ce
             self.offload_activations, self.last_offload = offload_activations, None
             self.run_dir, self.save_extras, self.keep_checkpoints = run_dir, save_extras, keep_checkpoints
@@ -381,6 +385,8 @@ def make_trainer_class():
             """Cross-entropy on the answer tokens only (answer_loss_sum), normalised as transformers does."""
             mask = inputs.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            if self.checkpoint_plan is not None and model.training and torch.is_grad_enabled():
+                self.checkpoint_plan.apply(inputs["input_ids"].numel(), int((inputs["labels"] != IGNORE_INDEX).sum()))
             if self.offload_activations and model.training and torch.is_grad_enabled():
                 # The forward only: backward (Trainer.training_step, after this returns) copies them back.
                 self.last_offload = OffloadActivations(model)
@@ -398,9 +404,10 @@ def make_trainer_class():
                     loss = loss * self.accelerator.num_processes
             else:
                 loss = loss / max(n_targets, 1)
-            if "pixel_values" not in inputs and self.vision_trainable:
+            if "pixel_values" not in inputs and self.vision_trainable and (self.accelerator.num_processes > 1 or self.is_deepspeed_enabled):
                 # No image in this batch: still run the vision tower on one blank tile (weight 0), so DDP
-                # and ZeRO see a gradient for every trainable vision parameter on every rank.
+                # and ZeRO see a gradient for every trainable vision parameter on every rank. Not on one GPU:
+                # there the zero gradient would still let AdamW's momentum move the projector.
                 loss = loss + 0.0 * self._blank_image_features(model).sum()
             return (loss, outputs) if return_outputs else loss
 
@@ -604,11 +611,12 @@ def run_sft(args: SftArguments) -> Path:
     use_liger = args.resolved_liger(available=liger_unavailable() is None)
     linear_ce = setup_liger(model) if use_liger else None  # before PEFT wraps the layers
     model, trainable, total = prepare_trainable(model, args, spec)
-    if args.gradient_checkpointing:
+    checkpointing = args.resolved_checkpointing(on_gpu)
+    if checkpointing != "none":
         enable_checkpointing(model)
     if args.torch_compile:
         log.info("torch.compile: %d decoder layers (compiled on their first batch)", compile_decoder_layers(model))
-    if args.offload_activations and not args.gradient_checkpointing:
+    if args.offload_activations and checkpointing == "none":
         log.warning("--offload_activations true without gradient checkpointing copies every activation to the host and back: a much slower step")
 
     sft_args = args.to_json() | {
@@ -643,6 +651,9 @@ def run_sft(args: SftArguments) -> Path:
     if args.sft_type == "lora" and on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
         # The Trainer runs forward under autocast (DeepSpeed does not: there the casts stay).
         log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
+    checkpoint_plan = None
+    if checkpointing == "auto":  # after the LoRA changes above: the measured layers are the trained ones
+        checkpoint_plan = plan_checkpointing(model, language_model(model), autocast_dtype=None if args.deepspeed else compute, fused_loss=linear_ce is not None, world_size=world)
     training_args = TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=args.batch_size,
@@ -694,6 +705,7 @@ def run_sft(args: SftArguments) -> Path:
         packing=args.packing,
         linear_ce=linear_ce,
         offload_activations=args.offload_activations,
+        checkpoint_plan=checkpoint_plan,
     )
     if rank == 0:
         print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)
