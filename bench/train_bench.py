@@ -2,7 +2,7 @@
 
     python bench/train_bench.py --list                     # the configs and what each one changes
     python bench/train_bench.py --steps 24                 # all configs
-    python bench/train_bench.py --only naive-full-fixed,ours-full-fixed,ours-full-fixed-liger   # 4,096-token rows (MFU)
+    python bench/train_bench.py --only naive-full-fixed,ours-full-fixed-b8-auto,ours-full-fixed-b8   # 4,096-token rows (MFU)
     python bench/train_bench.py --only naive-lora,ours-lora-curve,naive-full,ours-full-curve --steps 16 --warmup 4 --what curve
 
 Model: the InternVL3-1B layout (InternViT-300M + Qwen2-0.5B) with random weights (speed does not depend on
@@ -16,7 +16,7 @@ logits, images decoded in the main process. Ours = `internvl sft` with its defau
 Reported per config: samples/s, real (non-padding) tokens/s, model-FLOPs utilisation against the card's
 measured bf16 matmul peak (model_flops says what counts), peak memory, mean loss of the last steps, and every
 step's loss and real tokens (warmup included); ratios ours / naive, for a config that only adds one option
-(-liger, -compile) ours / the same config without it, and for a -curve config (naive's rows, order, batch and
+(-noliger, -compile) it / the same config without that suffix, and for a -curve config (naive's rows, order, batch and
 optimisation) its per-step loss against naive's (curve_ratios).
 """
 
@@ -319,6 +319,8 @@ def run_ours(model_dir: Path, data: Path, out: Path, *, full: bool, steps: int, 
     records = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
     start = next((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event": "start"')), {})
     rows = {k: start[k] for k in ("train_rows", "val_rows", "dropped_rows") if k in start}
+    used = json.loads((out / "sft_args.json").read_text()) if (out / "sft_args.json").is_file() else {}
+    rows["liger_kernels"] = used.get("liger_kernels")  # what ran: Liger is on by default where installed
     return timed_throughput(records, batch=batch, warmup=warmup) | rows | step_records(records, batch=batch)
 
 
@@ -327,7 +329,10 @@ def step_records(records: list[dict], *, batch: int) -> dict:
     (--logging_steps 1). sft logs no token count, only rates over the same interval: tokens/s x batch /
     samples/s, to within their rounding (a few tokens in 10,000), enough to tell two batches apart."""
     progress = sorted((r for r in records if r["event"] == "progress" and "loss" in r), key=lambda r: r["step"])
-    return {"losses": [r["loss"] for r in progress], "batch_tokens": [round(r["tokens_per_s"] * batch / r["samples_per_s"]) for r in progress]}
+    steps = {"losses": [r["loss"] for r in progress], "batch_tokens": [round(r["tokens_per_s"] * batch / r["samples_per_s"]) for r in progress]}
+    if any("checkpointed_layers" in r for r in progress):  # --gradient_checkpointing auto's choice each step
+        steps["checkpointed_layers"] = [r.get("checkpointed_layers") for r in progress]
+    return steps
 
 
 def timed_throughput(records: list[dict], *, batch: int, warmup: int) -> dict:
@@ -344,11 +349,13 @@ def timed_throughput(records: list[dict], *, batch: int, warmup: int) -> dict:
 # name: (kind, full, data, batch size, extra flags for ours). The naive loop runs at batch 4, the largest
 # that fits on an 80 GB card with realistic rows (batch 8 runs out of memory: full-vocabulary fp32 logits).
 # Ours: random batches as naive ("-b4"), then its memory savings spent on larger batches with gradient
-# checkpointing, length grouping or packing. A "-liger" or "-compile" config is the config named without
-# that suffix plus one option, so the two measure it on and off.
+# checkpointing (all layers "-gc", none, or "-auto": internvl sft's default, as many as memory needs), length
+# grouping or packing. Liger's kernels are on by default where installed; a "-noliger" config turns them off
+# and a "-compile" config adds --torch_compile to the config named without that suffix, so the two measure the
+# option on and off.
 NOGC = ["--gradient_checkpointing", "false"]
 GC = ["--gradient_checkpointing", "true"]
-LIGER = ["--use_liger_kernel", "true"]
+NOLIGER = ["--use_liger_kernel", "false"]
 COMPILE = ["--torch_compile", "true"]
 # The "-curve" configs: naive's rows in naive's order at naive's batch with naive's optimisation (HF Trainer
 # defaults), so that their per-step losses can be set beside naive's. ours_command already gives the seed,
@@ -361,10 +368,12 @@ CURVE = ["--group_by_length", "false", "--weight_decay", "0", "--lr_scheduler_ty
 CONFIGS = {
     "naive-lora": ("naive", False, "real", 4, []),
     "ours-lora-b4": ("ours", False, "real", 4, NOGC + ["--group_by_length", "false"]),
+    "ours-lora-b8-auto": ("ours", False, "real", 8, []),
+    "ours-lora-b16-auto": ("ours", False, "real", 16, []),
     "ours-lora-b8": ("ours", False, "real", 8, NOGC),
-    "ours-lora-b8-liger": ("ours", False, "real", 8, NOGC + LIGER),
+    "ours-lora-b8-noliger": ("ours", False, "real", 8, NOGC + NOLIGER),
     "ours-lora-b8-gc": ("ours", False, "real", 8, GC),
-    "ours-lora-b8-gc-liger": ("ours", False, "real", 8, GC + LIGER),
+    "ours-lora-b8-gc-noliger": ("ours", False, "real", 8, GC + NOLIGER),
     "ours-lora-b8-gc-compile": ("ours", False, "real", 8, GC + COMPILE),
     "ours-lora-b8-gc-packed": ("ours", False, "real", 8, GC + ["--packing", "true"]),
     "ours-lora-b8-gc-packed-flex": ("ours", False, "real", 8, GC + ["--packing", "true", "--attn_impl", "flex_attention"]),
@@ -372,22 +381,24 @@ CONFIGS = {
     "naive-full": ("naive", True, "real", 4, []),
     "ours-full-curve": ("ours", True, "real", 4, CURVE),
     "ours-full-b4": ("ours", True, "real", 4, NOGC + ["--group_by_length", "false"]),
+    "ours-full-b8-auto": ("ours", True, "real", 8, []),
+    "ours-full-b16-auto": ("ours", True, "real", 16, []),
     "ours-full-b8": ("ours", True, "real", 8, NOGC),
-    "ours-full-b8-liger": ("ours", True, "real", 8, NOGC + LIGER),
+    "ours-full-b8-noliger": ("ours", True, "real", 8, NOGC + NOLIGER),
     "ours-full-b8-gc": ("ours", True, "real", 8, GC),
-    "ours-full-b8-gc-liger": ("ours", True, "real", 8, GC + LIGER),
+    "ours-full-b8-gc-noliger": ("ours", True, "real", 8, GC + NOLIGER),
     "ours-full-b16-gc": ("ours", True, "real", 16, GC),
-    "ours-full-b16-gc-liger": ("ours", True, "real", 16, GC + LIGER),
     # Fixed 4,096-token rows (one tile each; no padding whatever the batch): the MFU rows.
     "naive-full-fixed": ("naive", True, "fixed", 4, []),
     "ours-full-fixed": ("ours", True, "fixed", 4, NOGC),
-    "ours-full-fixed-liger": ("ours", True, "fixed", 4, NOGC + LIGER),
+    "ours-full-fixed-noliger": ("ours", True, "fixed", 4, NOGC + NOLIGER),
     "ours-full-fixed-compile": ("ours", True, "fixed", 4, NOGC + COMPILE),
     "ours-full-fixed-b8": ("ours", True, "fixed", 8, NOGC),
-    "ours-full-fixed-b8-liger": ("ours", True, "fixed", 8, NOGC + LIGER),
-    "ours-full-fixed-b8-gc-liger": ("ours", True, "fixed", 8, GC + LIGER),
+    "ours-full-fixed-b8-auto": ("ours", True, "fixed", 8, []),
+    "ours-full-fixed-b16-auto": ("ours", True, "fixed", 16, []),
+    "ours-full-fixed-b8-gc": ("ours", True, "fixed", 8, GC),
 }
-OPTION_SUFFIXES = ("-liger", "-compile")
+OPTION_SUFFIXES = ("-noliger", "-compile")
 CURVE_SUFFIX = "-curve"
 FIXED_TOKENS = 4096
 
@@ -400,7 +411,7 @@ def describe(name: str) -> str:
 
 def missing_requirement(extra: list[str]) -> str | None:
     """Why a config cannot measure what it names here (sft would fall back with a warning), or None."""
-    if "--use_liger_kernel" in extra and importlib.util.find_spec("liger_kernel") is None:
+    if "--use_liger_kernel" in extra and extra[extra.index("--use_liger_kernel") + 1] == "true" and importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed here (bench/device_wheels.sh gathers its wheel)"
     return None
 

@@ -90,7 +90,7 @@ def test_record_has_on_off_and_naive_ratios(bench, tmp_path):
     results = {
         "naive-lora": {"samples_per_s": 4.0, "real_tokens_per_s": 10000.0},
         "ours-lora-b8-gc": {"samples_per_s": 8.0, "real_tokens_per_s": 22000.0},
-        "ours-lora-b8-gc-liger": {"samples_per_s": 10.0, "real_tokens_per_s": 27000.0},
+        "ours-lora-b8-gc-noliger": {"samples_per_s": 10.0, "real_tokens_per_s": 27000.0},
         "ours-lora-b8-gc-compile": {"error": ["boom"]},
     }
     stats = {"real": [{"tokens": 2000, "tiles": 3, "answer_tokens": 100}]}
@@ -98,7 +98,7 @@ def test_record_has_on_off_and_naive_ratios(bench, tmp_path):
     record = json.loads(next(tmp_path.glob("train-speed-*.json")).read_text())
     assert record["ratios"] == {
         "ours-lora-b8-gc_speedup": 2.0, "ours-lora-b8-gc_token_speedup": 2.2,
-        "ours-lora-b8-gc-liger_speedup": 2.5, "ours-lora-b8-gc-liger_token_speedup": 2.7, "ours-lora-b8-gc-liger_vs_ours-lora-b8-gc": 1.25,
+        "ours-lora-b8-gc-noliger_speedup": 2.5, "ours-lora-b8-gc-noliger_token_speedup": 2.7, "ours-lora-b8-gc-noliger_vs_ours-lora-b8-gc": 1.25,
     }  # fmt: skip
     assert set(record["baselines"]) == {"naive-lora"} and record["ours"]["ours-lora-b8-gc-compile"] == {"error": ["boom"]}
 
@@ -107,9 +107,9 @@ def test_list_names_every_config_without_a_gpu(bench):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_bench.py"), "--list"], capture_output=True, text=True, check=True).stdout
     assert [line.split()[0] for line in out.splitlines()] == list(bench.CONFIGS)
     for name, (_, full, data, batch, extra) in bench.CONFIGS.items():
-        for suffix, flag in (("-liger", "--use_liger_kernel"), ("-compile", "--torch_compile")):
+        for suffix, flag, value in (("-noliger", "--use_liger_kernel", "false"), ("-compile", "--torch_compile", "true")):
             if name.endswith(suffix):
-                assert extra[-2:] == [flag, "true"], name
+                assert extra[-2:] == [flag, value], name
                 off = bench.CONFIGS.get(name.removesuffix(suffix))
                 if off is not None:  # an on/off pair: the same config plus exactly that option
                     assert off == ("ours", full, data, batch, extra[:-2]), name
