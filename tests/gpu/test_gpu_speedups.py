@@ -134,10 +134,10 @@ def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setti
     assert worst["liger"] < BF16_GRAD_CAP, worst
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False])  # with compiled layers dynamo fails to trace (torch 2.11): sft refuses the pair
 def test_offloaded_activations_live_in_pinned_host_memory(tiny_model_dir, batch, compiled):
-    """--offload_activations on the GPU, with sft's checkpointing (and with compiled layers): every tensor the
-    forward saved outside the weights went to pinned host memory, and the loss and gradients are unchanged."""
+    """--offload_activations on the GPU, with sft's checkpointing: every tensor the forward saved outside the
+    weights went to pinned host memory, and the loss and gradients are unchanged."""
     from internvl_worker.speedups import OffloadActivations
 
     plain = _model(tiny_model_dir, "fp32")

@@ -117,6 +117,13 @@ def test_compiled_decoder_layers_match_eager_with_one_graph(tiny, sft_dataset, t
 # ------------------------------------------------------------------------------ --offload_activations
 
 
+def test_offload_flag_refuses_compiled_layers():
+    parse = lambda *extra: from_namespace(build_parser().parse_args(["sft", "--dataset", "d.jsonl", "--model_type", "internvl3-1b", *extra]))  # noqa: E731
+    problems = parse("--offload_activations", "true", "--torch_compile", "true").validate()
+    assert len(problems) == 1 and "--offload_activations" in problems[0] and "--torch_compile" in problems[0], problems
+    assert parse("--offload_activations", "true").validate() == [] and parse("--torch_compile", "true").validate() == []
+
+
 def test_offload_flag_parses_defaults_off_and_refuses_zero3(tmp_path):
     parse = lambda *extra: from_namespace(build_parser().parse_args(["sft", "--dataset", "d.jsonl", "--model_type", "internvl3-1b", *extra]))  # noqa: E731
     assert parse().offload_activations is False

@@ -37,17 +37,10 @@ def layers_left_plain(tokens: int, budget: float, layers: int, plain_bytes: floa
 
 
 def _saved_bytes(run, device: torch.device) -> int:
-    """Bytes that `run()`'s graph keeps for backward. On a GPU: the allocator's growth while the graph lives
-    (everything: tensors a kernel keeps on its context too, and the layer inputs that checkpoints hold); on a
-    CPU: the distinct tensors autograd's saved-tensor hooks see (parameters and their views excluded: they are
-    held anyway)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        out = run()
-        kept = torch.cuda.memory_allocated(device) - before - out.numel() * out.element_size()
-        del out
-        return kept
+    """Bytes that `run()`'s graph keeps for backward: the distinct tensors autograd's saved-tensor hooks see
+    (parameters and their views excluded: they are held anyway), and on a GPU at least the allocator's growth
+    while the graph lives, which also counts what a kernel keeps on its context and the inputs that
+    checkpoints hold."""
     seen: dict[tuple[int, tuple], int] = {}
 
     def pack(t: torch.Tensor):
@@ -55,13 +48,19 @@ def _saved_bytes(run, device: torch.device) -> int:
             seen[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
         return t
 
+    grown = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
+    if device.type == "cuda":
+        grown = torch.cuda.memory_allocated(device) - before - out.numel() * out.element_size()
     del out
-    return sum(seen.values())
+    return max(grown, sum(seen.values()))
 
 
-def saved_bytes_per_token(lm: torch.nn.Module, *, autocast_dtype: torch.dtype | None, tokens: int = 1024) -> tuple[float, float]:
+def saved_bytes_per_token(lm: torch.nn.Module, *, autocast_dtype: torch.dtype | None, tokens: int = 4096) -> tuple[float, float]:
     """(a, c): bytes per token that one decoder layer of `lm` saves for backward, run plainly and
     checkpointed. Measured as the difference between the language model run with its first two layers and
     with its first one, so that the embedding, rotary and final-norm parts cancel; every kernel choice of the
@@ -74,17 +73,18 @@ def saved_bytes_per_token(lm: torch.nn.Module, *, autocast_dtype: torch.dtype | 
     flags = [getattr(layer, "gradient_checkpointing", False) for layer in layers[:2]]
     was_training = lm.training
     lm.train()
-    result = []
+    sizes = {}
     try:
-        for checkpointed in (False, True):
-            sizes = []
-            for n in (1, 2):
-                for layer in layers[:n]:
-                    layer.gradient_checkpointing = checkpointed
-                lm.layers = torch.nn.ModuleList(layers[:n])
-                with torch.autocast(param.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    sizes.append(_saved_bytes(lambda: lm(inputs_embeds=x, use_cache=False).last_hidden_state, param.device))
-            result.append(max(sizes[1] - sizes[0], 0) / tokens)
+        # The first run is not used: one-time allocations (cuBLAS's workspace, kernel autotuning buffers) that
+        # stay allocated would otherwise count in the one-layer run and hide most of a layer's bytes.
+        for key in ("warmup", (False, 1), (False, 2), (True, 1), (True, 2)):
+            checkpointed, n = (False, 2) if key == "warmup" else key
+            for layer in layers[:n]:
+                layer.gradient_checkpointing = checkpointed
+            lm.layers = torch.nn.ModuleList(layers[:n])
+            with torch.autocast(param.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                sizes[key] = _saved_bytes(lambda: lm(inputs_embeds=x, use_cache=False).last_hidden_state, param.device)
+        result = [max(sizes[(checkpointed, 2)] - sizes[(checkpointed, 1)], 0) / tokens for checkpointed in (False, True)]
     finally:
         lm.layers = layers
         for layer, flag in zip(layers[:2], flags):

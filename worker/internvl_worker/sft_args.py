@@ -101,6 +101,10 @@ class SftArguments:
             # ZeRO-3 frees each gathered weight after use and gathers it again in backward through its own
             # hooks; the offload hooks would copy every gathered weight to the host instead.
             problems.append(f"--offload_activations true does not work with ZeRO-3 (--deepspeed {self.deepspeed}): use ZeRO-2 (default-zero2) or turn offloading off")
+        if self.offload_activations and self.torch_compile:
+            # torch 2.11: dynamo fails an assertion tracing a checkpointed compiled layer under the offload's
+            # saved-tensor hooks (H100, tests/gpu/test_gpu_speedups.py).
+            problems.append("--offload_activations true does not work with --torch_compile true (torch.compile cannot trace the offload hooks): turn one of them off")
         return problems
 
     def resolved_checkpointing(self, on_gpu: bool) -> str:
