@@ -40,7 +40,10 @@ CONFIGS = {
     "msswift-full": ("swift", True, 4),
     "ours-lora-b4": ("ours", False, 4),
     "ours-full-b4": ("ours", True, 4),
-    # internvl sft's defaults (gradient checkpointing on), at the batch its memory allows (ms-swift: 4 at 73 GiB)
+    # internvl sft's defaults (checkpointing as memory needs, Liger where installed) at the batch its memory
+    # allows (ms-swift: 4 at 73 GiB), and with every layer checkpointed (ms-swift's own default)
+    "ours-lora-b8-auto": ("ours", False, 8),
+    "ours-full-b8-auto": ("ours", True, 8),
     "ours-lora-b8-gc": ("ours", False, 8),
     "ours-full-b8-gc": ("ours", True, 8),
 }

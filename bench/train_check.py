@@ -1,5 +1,5 @@
-"""Functional GPU check of `internvl sft` on the InternVL3-1B layout (random weights): LoRA and full on one
-GPU, DDP LoRA and ZeRO-2 full on two. Records loss (first/last), samples/s, real tokens/s and peak memory.
+"""Functional GPU check of `internvl sft` on the InternVL3-1B layout (random weights): LoRA, full and ZeRO-2
+full on one GPU, DDP LoRA and ZeRO-2 full on two, and the two-GPU / one-GPU samples/s ratios (scaling). Records loss (first/last), samples/s, real tokens/s and peak memory.
 
     python bench/train_check.py --steps 30 --out /tmp/train-check      # on the device machine
 
@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--out", default="/tmp/train-check")
     ap.add_argument("--only", default="", help="comma-separated config names to run")
+    ap.add_argument("--results_dir", default="", help="where the record goes (default: --out)")
+    ap.add_argument("--what", default="check", help="names the record train-<what>-<card>-<date>.json (default: check)")
     args = ap.parse_args()
     out = Path(args.out)
     model_dir, data_dir = out / "model-1b", out / "data"
@@ -59,10 +61,11 @@ def main() -> int:
     gpus = torch.cuda.device_count()
     common = ["--model_id_or_path", str(model_dir), "--dataset", str(data), "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
               "--gradient_accumulation_steps", "1", "--logging_steps", "5", "--save_steps", str(args.steps), "--eval_steps", str(args.steps),
-              "--dataset_test_ratio", "0", "--gradient_checkpointing", "false", "--add_output_dir_suffix", "false", "--max_length", "4096"]  # fmt: skip
+              "--dataset_test_ratio", "0", "--add_output_dir_suffix", "false", "--max_length", "4096"]  # fmt: skip
     configs = {
         "lora-1gpu": (1, ["--sft_type", "lora", "--learning_rate", "1e-4"]),
         "full-1gpu": (1, ["--sft_type", "full", "--learning_rate", "1e-5"]),
+        "full-zero2-1gpu": (1, ["--sft_type", "full", "--learning_rate", "1e-5", "--deepspeed", "default-zero2"]),
         "lora-ddp-2gpu": (2, ["--sft_type", "lora", "--learning_rate", "1e-4"]),
         "full-zero2-2gpu": (2, ["--sft_type", "full", "--learning_rate", "1e-5", "--deepspeed", "default-zero2"]),
     }
@@ -88,12 +91,15 @@ def main() -> int:
         "command": "python bench/train_check.py " + " ".join(sys.argv[1:]),
         "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
         "date": date.today().isoformat(),
-        "config": {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps, "attention": "sdpa", "gradient_checkpointing": False},
+        "config": {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps, "attention": "sdpa", "gradient_checkpointing": "internvl sft's default (auto)"},
         "baselines": {},
         "ours": results,
-        "ratios": {},
+        # Scaling: samples/s on two GPUs over one, the same method, settings and per-GPU batch (1.0 = no gain).
+        "ratios": {f"{two}_vs_{one}": round(results[two]["samples_per_s"] / results[one]["samples_per_s"], 3)
+                   for two, one in (("lora-ddp-2gpu", "lora-1gpu"), ("full-zero2-2gpu", "full-zero2-1gpu"), ("full-zero2-2gpu", "full-1gpu"))
+                   if "samples_per_s" in results.get(two, {}) and "samples_per_s" in results.get(one, {})},  # fmt: skip
     }
-    path = out / f"train-check-{card.replace(' ', '-')}-{record['date']}.json"
+    path = Path(args.results_dir or out) / f"train-{args.what}-{card.replace(' ', '-')}-{record['date']}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print("wrote", path)
     return 0 if all("error" not in r for r in results.values()) else 1
