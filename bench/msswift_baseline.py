@@ -234,13 +234,7 @@ def write_record(args, results: dict, stats: list[dict]) -> Path:
     """Rewritten after every config, so a run cut short still leaves what it measured."""
     from record import write_record as write_result
 
-    ratios = {}
-    for kind in ("lora", "full"):
-        base = results.get(f"msswift-{kind}", {})
-        for name in (f"ours-{kind}-b4", f"ours-{kind}-b8-gc"):
-            ours = results.get(name, {})
-            if "samples_per_s" in ours and "samples_per_s" in base:
-                ratios[f"{name}_vs_msswift"] = round(ours["samples_per_s"] / base["samples_per_s"], 3)
+    ratios = msswift_ratios(results)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     config = {
         "model": f"{args.shape} layout (InternVL-HF), random weights; ms-swift model_type internvl, template internvl_hf",
@@ -253,6 +247,16 @@ def write_record(args, results: dict, stats: list[dict]) -> Path:
     path = write_result(results_dir, "train", "msswift", config=config, baselines={k: v for k, v in results.items() if k.startswith("msswift")},
                         ours={k: v for k, v in results.items() if k.startswith("ours")}, ratios=ratios)  # fmt: skip
     return path
+
+
+def msswift_ratios(results: dict) -> dict:
+    """<ours config>_vs_msswift: each ours config's samples/s over ms-swift's for the same method."""
+    ratios = {}
+    for name, ours in results.items():
+        base = results.get(f"msswift-{name.split('-')[1]}", {}) if name.startswith("ours-") else {}
+        if "samples_per_s" in ours and "samples_per_s" in base:
+            ratios[f"{name}_vs_msswift"] = round(ours["samples_per_s"] / base["samples_per_s"], 3)
+    return ratios
 
 
 if __name__ == "__main__":

@@ -86,3 +86,11 @@ def test_tiny_shape_runs_swift_sft_and_writes_the_record(tmp_path):
     assert lora["samples_per_s"] > 0 and full["samples_per_s"] > 0
     # r 8 on the tiny LLM's 7 linear layers x 2 layers = 16,384; full = LLM 99,904 + projector 12,672: no ViT.
     assert (lora["trainable_params"], full["trainable_params"]) == (16_384, 112_576)
+
+
+def test_every_ours_config_gets_a_ratio_to_msswift_of_its_method():
+    import msswift_baseline
+
+    results = {"msswift-lora": {"samples_per_s": 6.0}, "msswift-full": {"samples_per_s": 7.0}, "ours-lora-b8-auto": {"samples_per_s": 16.2},
+               "ours-full-b8-auto": {"samples_per_s": 14.0}, "ours-full-b4": {"error": ["oom"]}}  # fmt: skip
+    assert msswift_baseline.msswift_ratios(results) == {"ours-lora-b8-auto_vs_msswift": 2.7, "ours-full-b8-auto_vs_msswift": 2.0}
