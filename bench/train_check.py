@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/train-check")
     ap.add_argument("--only", default="", help="comma-separated config names to run")
     ap.add_argument("--results_dir", default="", help="where the record goes (default: --out)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (sft's default: 2); give one GPU as many as the scaling runs' ranks have in all, or the loader, not the GPU, may set its pace")
     ap.add_argument("--what", default="check", help="names the record train-<what>-<card>-<date>.json (default: check)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -61,7 +62,7 @@ def main() -> int:
     gpus = torch.cuda.device_count()
     common = ["--model_id_or_path", str(model_dir), "--dataset", str(data), "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
               "--gradient_accumulation_steps", "1", "--logging_steps", "5", "--save_steps", str(args.steps), "--eval_steps", str(args.steps),
-              "--dataset_test_ratio", "0", "--add_output_dir_suffix", "false", "--max_length", "4096"]  # fmt: skip
+              "--dataset_test_ratio", "0", "--add_output_dir_suffix", "false", "--max_length", "4096", "--dataloader_num_workers", str(args.workers)]  # fmt: skip
     configs = {
         "lora-1gpu": (1, ["--sft_type", "lora", "--learning_rate", "1e-4"]),
         "full-1gpu": (1, ["--sft_type", "full", "--learning_rate", "1e-5"]),
@@ -91,7 +92,7 @@ def main() -> int:
         "command": "python bench/train_check.py " + " ".join(sys.argv[1:]),
         "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
         "date": date.today().isoformat(),
-        "config": {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps, "attention": "sdpa", "gradient_checkpointing": "internvl sft's default (auto)"},
+        "config": {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps, "attention": "sdpa", "gradient_checkpointing": "internvl sft's default (auto)", "dataloader_workers_per_rank": args.workers},
         "baselines": {},
         "ours": results,
         # Scaling: samples/s on two GPUs over one, the same method, settings and per-GPU batch (1.0 = no gain).
