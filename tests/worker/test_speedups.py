@@ -362,3 +362,32 @@ def test_fused_lora_forward_defers_to_peft_when_adapters_are_off_or_merged(tiny,
     assert not torch.allclose(adapted, base, atol=1e-4)  # the adapters do something
     assert torch.equal(off, base)
     assert (merged - adapted).abs().max() < 1e-3 * adapted.abs().max()  # fp32 merge rounding only
+
+
+def test_frozen_vision_runs_in_bf16_without_autocast(tiny, offload_batch):
+    """Under bf16 autocast the frozen tower gives exactly what a plain bf16 forward of the same weights gives
+    (LayerNorms in bf16, no fp32 round trip), its fp32 weights are cast once, the loss still flows to the
+    trained weights; a tower that trains is left alone."""
+    from internvl_worker.speedups import frozen_vision_without_autocast
+
+    model = copy.deepcopy(tiny.model).train()  # fp32, as full fine-tuning loads it
+    for name, p in model.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    reference = copy.deepcopy(model.model.vision_tower).to(torch.bfloat16)
+    assert frozen_vision_without_autocast(model, torch.bfloat16)
+    assert {p.dtype for p in model.model.vision_tower.parameters()} == {torch.bfloat16}
+    pixels = offload_batch["pixel_values"]
+    from internvl_worker.images import pixels_on_device
+
+    pixels = pixels_on_device(pixels).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model.model.vision_tower(pixel_values=pixels).last_hidden_state
+    with torch.no_grad():
+        plain = reference(pixel_values=pixels.to(torch.bfloat16)).last_hidden_state
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, plain)
+    loss, grads = _loss_and_grads(model, offload_batch, autocast=True)
+    assert torch.isfinite(loss) and grads and not any("vision_tower" in k for k in grads)
+
+    trained = copy.deepcopy(tiny.model)
+    assert not frozen_vision_without_autocast(trained, torch.bfloat16)
+    assert {p.dtype for p in trained.model.vision_tower.parameters()} == {torch.float32}

@@ -32,7 +32,7 @@ from .images import load_image, pixels_on_device
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, fuse_lora_updates, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, frozen_vision_without_autocast, fuse_lora_updates, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -648,9 +648,12 @@ def run_sft(args: SftArguments) -> Path:
     bf16 = on_gpu and compute == torch.bfloat16
     if args.sft_type == "lora":
         log.info("LoRA updates added by one addmm into the base output: %d layers", fuse_lora_updates(model))
-    if args.sft_type == "lora" and on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
+    if on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
         # The Trainer runs forward under autocast (DeepSpeed does not: there the casts stay).
-        log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
+        if args.sft_type == "lora":
+            log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
+        if frozen_vision_without_autocast(model, compute):
+            log.info("frozen vision tower: %s weights, autocast off", compute)
     checkpoint_plan = None
     if checkpointing == "auto":  # after the LoRA changes above: the measured layers are the trained ones
         checkpoint_plan = plan_checkpointing(model, language_model(model), autocast_dtype=None if args.deepspeed else compute, fused_loss=linear_ce is not None, world_size=world)
