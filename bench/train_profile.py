@@ -17,8 +17,9 @@ under bf16 autocast (the Trainer's bf16=True); fp32 without autocast on a CPU. D
    decode (`load_image`), tiling (`template.tiler`) and tokenization (`template.encode`).
 2. GPU step alone, on batches collated and copied to the GPU beforehand (no data loading): `--methods lora`
    (PEFT LoRA r 8, alpha 32, dropout 0 on the LLM's 7 linear layers, ViT and projector frozen) and `full`
-   (LLM + projector trained, ViT frozen), both through `train.prepare_trainable` with an `SftArguments`, with
-   gradient checkpointing off and on (`train.enable_checkpointing`). One step = the trainer's loss
+   (LLM + projector trained, ViT frozen), both through run_sft's own `train.prepare_model` with an
+   `SftArguments` (Liger's kernels where installed, the fused LoRA update, PEFT's casts skipped and the frozen
+   ViT in plain bf16 under autocast), with gradient checkpointing off and on for every layer. One step = the trainer's loss
    (`train.answer_loss_sum`, the function `InternVLTrainer.compute_loss` calls, divided by the answer tokens)
    under autocast, backward, `clip_grad_norm_(1.0)`, the trainer's non-finite guard (`_foreach_norm` + a sync),
    fused AdamW (two groups, weight decay 0.1 off biases and norms) and `zero_grad`. CUDA events (perf_counter
@@ -186,12 +187,13 @@ def time_loader(ds, batches: list[list[int]], *, workers: int, pad_id: int, pin:
 
 
 def load_for(method: str, model_dir: Path, device):
-    """(model, template) prepared as run_sft prepares it for this method."""
+    """(model, trainable, total, Liger's fused loss or None) prepared by run_sft's own `train.prepare_model` for
+    this method; every layer checkpointed (run_config turns it off per config instead of planning it)."""
     import torch
 
     from internvl_worker.modeling import load_model
     from internvl_worker.sft_args import SftArguments
-    from internvl_worker.train import prepare_trainable
+    from internvl_worker.train import prepare_model
 
     on_gpu = device.type == "cuda"
     dtype = "fp32" if method == "full" or not on_gpu else "bf16"  # run_sft: full keeps fp32 masters
@@ -199,18 +201,18 @@ def load_for(method: str, model_dir: Path, device):
     model = loaded.model
     if not on_gpu:
         model.to(device)
-    model.config.use_cache = False
     if method == "lora":
-        args = SftArguments(sft_type="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target_modules=LORA_TARGETS, freeze_vit=True, freeze_aligner=True)
+        args = SftArguments(sft_type="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target_modules=LORA_TARGETS, freeze_vit=True, freeze_aligner=True, gradient_checkpointing=True)
     else:
-        args = SftArguments(sft_type="full", freeze_vit=True, freeze_aligner=False)
-    model, trainable, total = prepare_trainable(model, args, loaded.spec)
+        args = SftArguments(sft_type="full", freeze_vit=True, freeze_aligner=False, gradient_checkpointing=True)
+    prepared = prepare_model(model, args, loaded.spec, on_gpu=on_gpu)
+    model = prepared.model
     model.train()
     del loaded
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
-    return model, trainable, total
+    return model, prepared.trainable, prepared.total, prepared.linear_ce
 
 
 def make_optimizer(model, device):
@@ -225,7 +227,7 @@ def make_optimizer(model, device):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, fused=device.type == "cuda"), decay + no_decay
 
 
-def train_step(model, batch: dict, optimizer, params, timer: StepTimer, *, autocast: bool) -> float:
+def train_step(model, batch: dict, optimizer, params, timer: StepTimer, *, autocast: bool, linear_ce=None) -> float:
     import torch
 
     from internvl_worker.train import answer_loss_sum
@@ -233,7 +235,7 @@ def train_step(model, batch: dict, optimizer, params, timer: StepTimer, *, autoc
     timer.reset()
     timer.mark("start")
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        loss_sum, n_targets, _ = answer_loss_sum(model, batch)
+        loss_sum, n_targets, _ = answer_loss_sum(model, batch, linear_ce)
         loss = loss_sum / max(n_targets, 1)
     timer.mark("head_loss")
     loss.backward()
@@ -263,7 +265,7 @@ def phase_flops(rows: list[dict], idx: list[int], shape: dict) -> dict:
     return {"vit": vit, "llm_fwd": llm}
 
 
-def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[int]]], *, warmup: int, rows: list[dict], device, shape: dict, peak: float | None, kernels: bool) -> dict:
+def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[int]]], *, warmup: int, rows: list[dict], device, shape: dict, peak: float | None, kernels: bool, linear_ce=None) -> dict:
     import torch
 
     from internvl_worker.train import enable_checkpointing
@@ -285,12 +287,12 @@ def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[i
     try:
         for k, (batch, idx) in enumerate(batches):
             t0 = time.perf_counter()
-            losses.append(train_step(model, batch, optimizer, params, timer, autocast=cuda))
+            losses.append(train_step(model, batch, optimizer, params, timer, autocast=cuda, linear_ce=linear_ce))
             phases = timer.phases_ms()  # synchronizes
             walls.append(time.perf_counter() - t0)
             if k >= warmup:
                 per_step.append((phases, batch_stats(batch, rows, idx), phase_flops(rows, idx, shape), idx))
-        profile = profile_step(model, batches[warmup][0], optimizer, params, timer, cuda=cuda) if kernels else None
+        profile = profile_step(model, batches[warmup][0], optimizer, params, timer, cuda=cuda, linear_ce=linear_ce) if kernels else None
     except torch.OutOfMemoryError as e:
         return {"error": f"out of memory: {str(e).splitlines()[0][:200]}"}
     finally:
@@ -347,7 +349,7 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_step(model, batch, optimizer, params, timer, *, cuda: bool) -> dict:
+def profile_step(model, batch, optimizer, params, timer, *, cuda: bool, linear_ce=None) -> dict:
     """One step under torch.profiler: top 25 CUDA kernels by total time (CPU: top 25 ops by self CPU time)."""
     import torch
     from torch.autograd import DeviceType
@@ -355,7 +357,7 @@ def profile_step(model, batch, optimizer, params, timer, *, cuda: bool) -> dict:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        train_step(model, batch, optimizer, params, timer, autocast=cuda)
+        train_step(model, batch, optimizer, params, timer, autocast=cuda, linear_ce=linear_ce)
         if cuda:
             torch.cuda.synchronize()
     rows = []
@@ -501,11 +503,11 @@ def main() -> int:
 
     # ---- 2. GPU step alone
     for method in methods:
-        model, trainable, total = load_for(method, model_dir, device)
+        model, trainable, total, linear_ce = load_for(method, model_dir, device)
         for gc_on in gcs:
             name = f"{method}-{'gc' if gc_on else 'nogc'}"
             t0 = time.time()
-            r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name == args.kernels_config)
+            r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name == args.kernels_config, linear_ce=linear_ce)
             r.update(trainable_parameters=trainable, wall_s=round(time.time() - t0, 1))
             ours["gpu"][name] = r
             print(json.dumps({"event": "gpu_step", "config": name, **{k: v for k, v in r.items() if k != "kernels"}}), flush=True)

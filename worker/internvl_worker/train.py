@@ -20,6 +20,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -552,6 +553,46 @@ def enable_checkpointing(model) -> None:
             module.gradient_checkpointing = False
 
 
+@dataclass
+class PreparedModel:
+    model: torch.nn.Module
+    trainable: int
+    total: int
+    linear_ce: LinearCrossEntropy | None  # Liger's fused LM head + loss, when its kernels run
+    checkpoint_plan: CheckpointPlan | None  # --gradient_checkpointing auto on a GPU
+
+
+def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int = 1) -> PreparedModel:
+    """Everything run_sft does to a loaded model before the Trainer gets it (bench/train_profile.py calls it
+    too, so a profile times the step that trains): Liger's kernels, LoRA or freezing, gradient checkpointing,
+    compiled layers, the fused LoRA update; under autocast PEFT's input casts skipped and the frozen vision
+    tower in plain bf16; last, for --gradient_checkpointing auto, the memory plan measured on the result."""
+    compute = torch_dtype(args.dtype)
+    model.config.use_cache = False
+    use_liger = args.resolved_liger(available=liger_unavailable() is None)
+    linear_ce = setup_liger(model) if use_liger else None  # before PEFT wraps the layers
+    model, trainable, total = prepare_trainable(model, args, spec)
+    checkpointing = args.resolved_checkpointing(on_gpu)
+    if checkpointing != "none":
+        enable_checkpointing(model)
+    if args.torch_compile:
+        log.info("torch.compile: %d decoder layers (compiled on their first batch)", compile_decoder_layers(model))
+    if args.offload_activations and checkpointing == "none":
+        log.warning("--offload_activations true without gradient checkpointing copies every activation to the host and back: a much slower step")
+    if args.sft_type == "lora":
+        log.info("LoRA updates added by one addmm into the base output: %d layers", fuse_lora_updates(model))
+    if on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
+        # The Trainer runs forward under autocast (DeepSpeed does not: there the casts stay).
+        if args.sft_type == "lora":
+            log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
+        if frozen_vision_without_autocast(model, compute):
+            log.info("frozen vision tower: %s weights, autocast off", compute)
+    plan = None
+    if checkpointing == "auto":  # after the changes above: the measured layers are the ones that train
+        plan = plan_checkpointing(model, language_model(model), autocast_dtype=None if args.deepspeed else compute, fused_loss=linear_ce is not None, world_size=world)
+    return PreparedModel(model, trainable, total, linear_ce, plan)
+
+
 def run_sft(args: SftArguments) -> Path:
     """Train; returns the last checkpoint directory."""
     from transformers import TrainingArguments, set_seed
@@ -606,18 +647,8 @@ def run_sft(args: SftArguments) -> Path:
     if not train_rows:
         raise SftConfigError(f"no training rows left (dropped {dropped} over --max_length {args.max_length})")
 
-    model = loaded.model
-    model.config.use_cache = False
-    use_liger = args.resolved_liger(available=liger_unavailable() is None)
-    linear_ce = setup_liger(model) if use_liger else None  # before PEFT wraps the layers
-    model, trainable, total = prepare_trainable(model, args, spec)
-    checkpointing = args.resolved_checkpointing(on_gpu)
-    if checkpointing != "none":
-        enable_checkpointing(model)
-    if args.torch_compile:
-        log.info("torch.compile: %d decoder layers (compiled on their first batch)", compile_decoder_layers(model))
-    if args.offload_activations and checkpointing == "none":
-        log.warning("--offload_activations true without gradient checkpointing copies every activation to the host and back: a much slower step")
+    prepared = prepare_model(loaded.model, args, spec, on_gpu=on_gpu, world=world)
+    model, trainable, total, linear_ce = prepared.model, prepared.trainable, prepared.total, prepared.linear_ce
 
     sft_args = args.to_json() | {
         "model_type": spec.model_type,
@@ -646,17 +677,6 @@ def run_sft(args: SftArguments) -> Path:
 
     grad_accum = args.resolved_grad_accum(world)
     bf16 = on_gpu and compute == torch.bfloat16
-    if args.sft_type == "lora":
-        log.info("LoRA updates added by one addmm into the base output: %d layers", fuse_lora_updates(model))
-    if on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
-        # The Trainer runs forward under autocast (DeepSpeed does not: there the casts stay).
-        if args.sft_type == "lora":
-            log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
-        if frozen_vision_without_autocast(model, compute):
-            log.info("frozen vision tower: %s weights, autocast off", compute)
-    checkpoint_plan = None
-    if checkpointing == "auto":  # after the LoRA changes above: the measured layers are the trained ones
-        checkpoint_plan = plan_checkpointing(model, language_model(model), autocast_dtype=None if args.deepspeed else compute, fused_loss=linear_ce is not None, world_size=world)
     training_args = TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=args.batch_size,
@@ -708,7 +728,7 @@ def run_sft(args: SftArguments) -> Path:
         packing=args.packing,
         linear_ce=linear_ce,
         offload_activations=args.offload_activations,
-        checkpoint_plan=checkpoint_plan,
+        checkpoint_plan=prepared.checkpoint_plan,
     )
     if rank == 0:
         print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)
