@@ -315,7 +315,9 @@ def run_ours(prep: dict, args, patches: tuple, flags: dict | None = None, name: 
     out = Path(args.out) / (name + (f"-{args.deepspeed}" if args.deepspeed else ""))
     sft = SftArguments(model_type=MODEL_TYPE, model_id_or_path=prep["model_dir"], dataset=prep["data"], output_dir=str(out), add_output_dir_suffix=False,
                        max_steps=args.steps, batch_size=1, gradient_accumulation_steps=1, logging_steps=1, dataset_test_ratio=0.0, max_length=args.max_length,
-                       warmup_ratio=0.0, dataloader_num_workers=2 if torch.cuda.is_available() else 0, max_nonfinite_steps=10_000, deepspeed=args.deepspeed, **flags)  # fmt: skip
+                       warmup_ratio=0.0, dataloader_num_workers=2 if torch.cuda.is_available() else 0, max_nonfinite_steps=10_000, deepspeed=args.deepspeed,
+                       # every layer checkpointed, as the seed's table was measured: sft's default (auto) would spend the free memory on speed
+                       **({"gradient_checkpointing": True} | flags))  # fmt: skip
     load = load_in_memory(prep["model_dir"], patches)
     with mock.patch.object(train, "load_model", load):
         train.run_sft(sft)
