@@ -119,5 +119,29 @@ def test_sft_applies_the_plan_before_each_step_and_logs_it(tiny_model_dir, tmp_p
     layers = len(language_model(train_module.load_model(str(tiny_model_dir)).model).layers)
     records = [json.loads(line) for line in (last.parent / "logging.jsonl").read_text().splitlines()]
     logged = [r["checkpointed_layers"] for r in records if r["event"] == "progress" and "loss" in r]
-    assert len(calls) == 3 and all(tokens > 0 for tokens, _ in calls)
+    assert len(calls) == 3 and all(tokens > 0 for tokens, *_ in calls)
     assert logged == [layers if total_bytes == 0 else 0] * 3
+
+
+def test_plan_reserves_room_for_a_vision_tower_that_trains(tiny):
+    """A trainable ViT keeps its checkpointed layers' inputs for every tile, so a batch with images leaves fewer
+    decoder layers plain than the same batch with a frozen ViT; with the ViT frozen the tiles cost nothing."""
+    from internvl_worker.checkpointing import plan_checkpointing
+
+    plans = {}
+    for vit_trains in (False, True):
+        model = copy.deepcopy(tiny.model).train()
+        for name, p in model.named_parameters():
+            p.requires_grad_(vit_trains or "vision_tower" not in name)
+        enable_checkpointing(model)
+        lm = language_model(model)
+        plans[vit_trains] = plan_checkpointing(model, lm, autocast_dtype=None, fused_loss=False, tokens=64, total_bytes=10**9, allocated=lambda: 0)
+    frozen, trains = plans[False], plans[True]
+    assert frozen.reserve_per_tile == 0 and trains.reserve_per_tile > 0
+    tokens = 1000
+    # A card with room for exactly all layers plain, with nothing else: the trainable ViT's tiles take some of it.
+    for plan in (frozen, trains):
+        plan.fraction = 1.0
+        plan.total_bytes = plan.reserve_bytes + tokens * (plan.reserve_per_token + len(plan.layers) * plan.plain_bytes) + 1
+    assert frozen.apply(tokens, 0, 40) == 0
+    assert trains.apply(tokens, 0, 0) == 0 and trains.apply(tokens, 0, 40) > 0

@@ -22,6 +22,8 @@ import logging
 
 import torch
 
+from .speedups import unwrap_peft
+
 log = logging.getLogger(__name__)
 
 
@@ -98,46 +100,58 @@ class CheckpointPlan:
     """Sets, before each training forward, which decoder layers of `lm` are checkpointed. `apply` returns how
     many are; `last` keeps it for the progress log."""
 
-    def __init__(self, lm: torch.nn.Module, *, plain_bytes: float, checkpointed_bytes: float, reserve_bytes: float, reserve_per_token: float, reserve_per_answer_token: float, fraction: float = 0.9, total_bytes: int | None = None, allocated=None):
+    def __init__(self, lm: torch.nn.Module, *, plain_bytes: float, checkpointed_bytes: float, reserve_bytes: float, reserve_per_token: float, reserve_per_answer_token: float, reserve_per_tile: float = 0.0, fraction: float = 0.9, total_bytes: int | None = None, allocated=None):
         self.layers = list(lm.layers)
         self.plain_bytes, self.checkpointed_bytes = plain_bytes, checkpointed_bytes
         self.reserve_bytes, self.reserve_per_token, self.reserve_per_answer_token = reserve_bytes, reserve_per_token, reserve_per_answer_token
+        self.reserve_per_tile = reserve_per_tile
         device = next(lm.parameters()).device
         self.total_bytes = total_bytes if total_bytes is not None else torch.cuda.get_device_properties(device).total_memory
         self.allocated = allocated if allocated is not None else (lambda: torch.cuda.memory_allocated(device))
         self.fraction = fraction
         self.last: int | None = None
 
-    def budget(self, tokens: int, answer_tokens: int) -> float:
-        return self.total_bytes * self.fraction - self.allocated() - self.reserve_bytes - tokens * self.reserve_per_token - answer_tokens * self.reserve_per_answer_token
+    def budget(self, tokens: int, answer_tokens: int, tiles: int = 0) -> float:
+        reserved = self.reserve_bytes + tokens * self.reserve_per_token + answer_tokens * self.reserve_per_answer_token + tiles * self.reserve_per_tile
+        return self.total_bytes * self.fraction - self.allocated() - reserved
 
-    def apply(self, tokens: int, answer_tokens: int = 0) -> int:
-        plain = layers_left_plain(tokens, self.budget(tokens, answer_tokens), len(self.layers), self.plain_bytes, self.checkpointed_bytes)
+    def apply(self, tokens: int, answer_tokens: int = 0, tiles: int = 0) -> int:
+        plain = layers_left_plain(tokens, self.budget(tokens, answer_tokens, tiles), len(self.layers), self.plain_bytes, self.checkpointed_bytes)
         for i, layer in enumerate(self.layers):
             layer.gradient_checkpointing = i >= plain
         self.last = len(self.layers) - plain
         return self.last
 
 
-def plan_checkpointing(model, lm: torch.nn.Module, *, autocast_dtype: torch.dtype | None, fused_loss: bool, world_size: int = 1, fraction: float = 0.9) -> CheckpointPlan:
+def plan_checkpointing(model, lm: torch.nn.Module, *, autocast_dtype: torch.dtype | None, fused_loss: bool, world_size: int = 1, fraction: float = 0.9, tokens: int = 4096, **card) -> CheckpointPlan:
     """The plan for `model`'s training step on this GPU: measures a and c, and reserves room for what the step
-    holds besides the decoder layers' saved tensors."""
-    a, c = saved_bytes_per_token(lm, autocast_dtype=autocast_dtype)
+    holds besides the decoder layers' saved tensors. `card` (total_bytes, allocated) stands in for the GPU's
+    figures in CPU tests."""
+    a, c = saved_bytes_per_token(lm, autocast_dtype=autocast_dtype, tokens=tokens)
     config = lm.config
     trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # fp32 gradients
     width = max(config.hidden_size, getattr(config, "intermediate_size", 0) or 0)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings().weight
+    vision = unwrap_peft(model).model.vision_tower
+    vc = vision.config
+    vision_trains = any(p.requires_grad for p in vision.parameters())
+    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
     plan = CheckpointPlan(
         lm,
         plain_bytes=a,
         checkpointed_bytes=c,
-        # gradients, and DDP's buckets beside them on several GPUs
-        reserve_bytes=trained * (2 if world_size > 1 else 1),
+        # gradients, and DDP's buckets beside them on several GPUs; Liger's fused loss also builds the LM head's
+        # weight gradient in fp32 during the forward
+        reserve_bytes=trained * (2 if world_size > 1 else 1) + (head.numel() * 4 if fused_loss else 0),
         # backward's working set: a few layer-wide tensors (gradients of the MLP's activations) in fp32 at most
         reserve_per_token=6 * width * 4,
         # the answer logits in fp32, their bf16 copy and their gradient; Liger's fused loss stores none of them
-        reserve_per_answer_token=0 if fused_loss else vocab * 10,
+        reserve_per_answer_token=0 if fused_loss else head.shape[0] * 10,
+        # a vision tower that trains keeps each (checkpointed) layer's input per tile; a frozen one keeps nothing
+        reserve_per_tile=((size // patch) ** 2 + 1) * vc.hidden_size * 4 * vc.num_hidden_layers if vision_trains else 0.0,
         fraction=fraction,
+        **card,
     )
     log.info("gradient checkpointing auto: a decoder layer saves %.1f KB a token plain, %.1f KB checkpointed; %d layers; %.1f GB of %.1f GB in use before the first step",
              a / 1e3, c / 1e3, len(plan.layers), plan.allocated() / 1e9, plan.total_bytes / 1e9)  # fmt: skip

@@ -387,7 +387,8 @@ def make_trainer_class():
             mask = inputs.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             if self.checkpoint_plan is not None and model.training and torch.is_grad_enabled():
-                self.checkpoint_plan.apply(inputs["input_ids"].numel(), int((inputs["labels"] != IGNORE_INDEX).sum()))
+                pixels = inputs.get("pixel_values")
+                self.checkpoint_plan.apply(inputs["input_ids"].numel(), int((inputs["labels"] != IGNORE_INDEX).sum()), 0 if pixels is None else pixels.shape[0])
             if self.offload_activations and model.training and torch.is_grad_enabled():
                 # The forward only: backward (Trainer.training_step, after this returns) copies them back.
                 self.last_offload = OffloadActivations(model)
