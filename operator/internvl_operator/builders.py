@@ -22,6 +22,12 @@ GENERATION_LABEL = f"{c.GROUP}/generation"
 # --------------------------------------------------------------------------- names and labels
 
 
+# A worker that fails (a bad row, GPU out of memory, a refused flag) ends its log with one "internvl: error: ..."
+# line; with this policy the log's tail becomes the container's termination message, which status.py copies
+# onto the custom resource, so `kubectl describe` says why without `kubectl logs`.
+WORKER_TERMINATION_MESSAGE = "FallbackToLogsOnError"
+
+
 def child_name(parent: str, suffix: str = "", *, max_length: int = c.MAX_NAME_LENGTH) -> str:
     """`<parent>-<suffix>`, cut to max_length; a cut name gets a hash of the full one so two long parents differ."""
     full = f"{parent}-{suffix}" if suffix else parent
@@ -282,6 +288,7 @@ def _cpu_worker_job(
         "env": parts.env,
         "resources": _resources(None, resources),
         "volumeMounts": parts.mounts,
+        "terminationMessagePolicy": WORKER_TERMINATION_MESSAGE,
     }
     pod_spec = {
         "restartPolicy": "Never",
@@ -425,6 +432,7 @@ def build_train_job(ft: api.InternVLFineTune, settings: OperatorSettings = DEFAU
         "ports": [{"name": "rendezvous", "containerPort": c.RENDEZVOUS_PORT}],
         "resources": _resources(spec.resources, settings.train_default_resources, gpus=spec.gpus_per_node, gpu_name=settings.gpu_resource_name),
         "volumeMounts": parts.mounts,
+        "terminationMessagePolicy": WORKER_TERMINATION_MESSAGE,
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # failed pods count against backoffLimit and keep their reason for status
@@ -655,6 +663,7 @@ def build_deployment(svc: api.InternVLService, settings: OperatorSettings = DEFA
         "startupProbe": _http_probe("/health", period=10, failures=math.ceil(spec.startup_timeout_seconds / 10)),
         "readinessProbe": _http_probe(ready_path, period=5, failures=3),
         "livenessProbe": _http_probe("/health", period=15, failures=4),
+        "terminationMessagePolicy": WORKER_TERMINATION_MESSAGE,
     }
     labels = service_labels(svc.name)
     deployment_spec: dict[str, Any] = {

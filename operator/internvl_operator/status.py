@@ -159,8 +159,14 @@ def _terminated_failure(pod: str, container: str, term: dict[str, Any]) -> PodFa
     if reason == "OOMKilled":
         message = "the container ran out of memory (raise resources.limits.memory, or lower batchSize/maxLength)"
         return PodFailure("OOMKilled", message, exit_code, pod, container, rank=100)
-    message = (term.get("message") or "").strip()
-    return PodFailure(reason, message, exit_code, pod, container, rank=50)
+    return PodFailure(reason, _worker_error(term.get("message") or ""), exit_code, pod, container, rank=50)
+
+
+def _worker_error(message: str) -> str:
+    """A termination message, or from a worker's log tail (FallbackToLogsOnError) its last `internvl: error:`
+    line, the one that says what to change."""
+    errors = [line for line in message.strip().splitlines() if line.startswith("internvl: error:")]
+    return errors[-1] if errors else message.strip()
 
 
 def pod_failure(pod: dict[str, Any]) -> PodFailure | None:

@@ -340,3 +340,21 @@ def test_gpu_resource_name_comes_from_settings():
     limits = container(builders.build_train_job(ft_of(), custom))["resources"]["limits"]
     assert limits.get("nvidia.com/mig-3g.40gb") == 1 and "nvidia.com/gpu" not in limits
     assert OperatorSettings().gpu_resource_name == "nvidia.com/gpu"
+
+
+def test_worker_containers_report_their_last_log_lines_when_they_fail():
+    """A failing worker's last line ("internvl: error: GPU out of memory at step 3 ...") becomes the container's
+    termination message, which status copies onto the custom resource."""
+    ft = ft_of()
+    jobs = [builders.build_datacheck_job(ft, SETTINGS), builders.build_train_job(ft, SETTINGS), builders.build_merge_job(ft, SETTINGS), builders.build_deployment(svc_of(), SETTINGS)]
+    assert [container(j)["terminationMessagePolicy"] for j in jobs] == ["FallbackToLogsOnError"] * 4
+
+
+@pytest.mark.parametrize("value", [None, True, False])
+def test_gradient_checkpointing_flag_only_when_set(value):
+    training = {} if value is None else {"gradientCheckpointing": value}
+    args = container(builders.build_train_job(ft_of(training=training), SETTINGS))["args"]
+    if value is None:  # unset: the worker's own default (auto: as many layers as memory needs)
+        assert "--gradient_checkpointing" not in args
+    else:
+        assert arg(args, "--gradient_checkpointing") == str(value).lower()

@@ -153,3 +153,19 @@ def test_job_outcome():
     assert failed.failed and failed.reason == "BackoffLimitExceeded" and failed.generation_label == 3
     done = st.observe_job("j", {"metadata": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}})
     assert done.succeeded and not done.running
+
+
+def test_a_worker_log_tail_is_reduced_to_its_error_line():
+    """With FallbackToLogsOnError the termination message is the log's tail: progress lines, a traceback's end,
+    then internvl's one-line error. Status keeps that line; a message without one stays as it is."""
+    tail = "\n".join([
+        '{"event": "progress", "step": 2, "loss": 1.2}',
+        "Traceback (most recent call last):",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB.",
+        "internvl: error: GPU out of memory at step 3 (71.2 GB at the peak of 79.2 GB; 0 of 24 decoder layers checkpointed); try --gradient_checkpointing true",
+        "",
+    ])  # fmt: skip
+    failure = st.pod_failure(pod(statuses=[{"name": "trainer", "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": tail}}}]))
+    assert failure.message.startswith("internvl: error: GPU out of memory at step 3") and "\n" not in failure.message
+    plain = st.pod_failure(pod(statuses=[{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "  no such model\n"}}}]))
+    assert plain.message == "no such model"

@@ -124,3 +124,35 @@ def test_export_interrupted_leaves_no_half_merged_model(tiny_model_dir, data, tm
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
     assert merge_lora(last, dtype="fp32") == merged
     assert (merged / "merge_info.json").is_file() and not list(last.parent.glob(".tmp-*"))
+
+
+def test_gpu_out_of_memory_says_what_to_change_and_keeps_earlier_checkpoints(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
+    """A step that runs out of GPU memory (raised here at step 3, after checkpoint-2) ends the run with one
+    `internvl: error:` line naming the step and the settings to change, exit code 2 (the log's last line,
+    which the operator's FallbackToLogsOnError turns into the pod's termination message), and checkpoint-2
+    intact and still the one to resume."""
+    import torch
+    import transformers
+
+    from internvl_worker.cli import main
+
+    real_step = transformers.Trainer.training_step
+    calls = []
+
+    def step(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", step)
+    out = tmp_path / "run"
+    argv = sft_cmd(tiny_model_dir, data, out, 6)[3:]  # after "python -m internvl_worker"
+    argv[argv.index("--save_steps") + 1] = "2"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("internvl: error: GPU out of memory at step 3"), err
+    assert "--batch_size (now 4)" in err and "--max_length" in err and "--resume_from_checkpoint latest" in err
+    assert "--gradient_checkpointing true" in err  # the run had it off
+    assert [p.name for p in ckpt.checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "latest_checkpoint").read_text().strip().endswith("checkpoint-2")

@@ -554,6 +554,24 @@ def enable_checkpointing(model) -> None:
             module.gradient_checkpointing = False
 
 
+class GpuOutOfMemory(SftConfigError):
+    """The GPU ran out of memory in a training step: the settings must change (earlier checkpoints stay)."""
+
+
+def out_of_memory_message(args: SftArguments, trainer, plan: CheckpointPlan | None) -> str:
+    """One line that says where memory ran out and what to change."""
+    where = f"at step {trainer.state.global_step + 1}"
+    if torch.cuda.is_available():
+        where += f" ({torch.cuda.max_memory_allocated() / 1e9:.1f} GB at the peak of {torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9:.1f} GB"
+        where += f"; {plan.last} of {len(plan.layers)} decoder layers checkpointed)" if plan is not None and plan.last is not None else ")"
+    fixes = [f"a smaller --batch_size (now {args.batch_size}) with more --gradient_accumulation_steps", f"a smaller --max_length (now {args.max_length})"]
+    if args.gradient_checkpointing is not True:
+        fixes.insert(0, "--gradient_checkpointing true (every layer; auto measures and may misjudge)" if args.gradient_checkpointing is None else "--gradient_checkpointing true")
+    if args.sft_type == "full" and not args.deepspeed:
+        fixes.append("--deepspeed default-zero2 on several GPUs (shards gradients and optimizer state)")
+    return f"GPU out of memory {where}; try " + ", or ".join(fixes) + ". Earlier checkpoints are intact; --resume_from_checkpoint latest continues from the newest."
+
+
 @dataclass
 class PreparedModel:
     model: torch.nn.Module
@@ -733,7 +751,10 @@ def run_sft(args: SftArguments) -> Path:
     )
     if rank == 0:
         print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except torch.OutOfMemoryError as e:
+        raise GpuOutOfMemory(out_of_memory_message(args, trainer, prepared.checkpoint_plan)) from e
     last = run_dir / f"checkpoint-{trainer.state.global_step}"
     if not last.is_dir():
         trainer._save_checkpoint(trainer.model, None)
