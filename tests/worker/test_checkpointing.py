@@ -121,6 +121,7 @@ def test_sft_applies_the_plan_before_each_step_and_logs_it(tiny_model_dir, tmp_p
     logged = [r["checkpointed_layers"] for r in records if r["event"] == "progress" and "loss" in r]
     assert len(calls) == 3 and all(tokens > 0 for tokens, *_ in calls)
     assert logged == [layers if total_bytes == 0 else 0] * 3
+    assert json.loads((last / "sft_args.json").read_text())["checkpointing"] == "auto"
 
 
 def test_plan_reserves_room_for_a_vision_tower_that_trains(tiny):

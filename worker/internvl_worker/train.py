@@ -578,6 +578,7 @@ class PreparedModel:
     trainable: int
     total: int
     linear_ce: LinearCrossEntropy | None  # Liger's fused LM head + loss, when its kernels run
+    checkpointing: str  # all | none | auto
     checkpoint_plan: CheckpointPlan | None  # --gradient_checkpointing auto on a GPU
 
 
@@ -609,7 +610,7 @@ def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int =
     plan = None
     if checkpointing == "auto":  # after the changes above: the measured layers are the ones that train
         plan = plan_checkpointing(model, language_model(model), autocast_dtype=None if args.deepspeed else compute, fused_loss=linear_ce is not None, world_size=world)
-    return PreparedModel(model, trainable, total, linear_ce, plan)
+    return PreparedModel(model, trainable, total, linear_ce, checkpointing, plan)
 
 
 def run_sft(args: SftArguments) -> Path:
@@ -681,6 +682,7 @@ def run_sft(args: SftArguments) -> Path:
         "total_parameters": total,
         "world_size": world,
         "liger_kernels": linear_ce is not None,
+        "checkpointing": prepared.checkpointing,
     }
     if rank == 0:
         write_json_atomic(run_dir / "sft_args.json", sft_args)
@@ -750,7 +752,7 @@ def run_sft(args: SftArguments) -> Path:
         checkpoint_plan=prepared.checkpoint_plan,
     )
     if rank == 0:
-        print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None}), flush=True)
+        print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None, "liger_kernels": linear_ce is not None, "checkpointing": prepared.checkpointing}), flush=True)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as e:
