@@ -40,9 +40,9 @@ def layers_left_plain(tokens: int, budget: float, layers: int, plain_bytes: floa
 
 def _saved_bytes(run, device: torch.device) -> int:
     """Bytes that `run()`'s graph keeps for backward: the distinct tensors autograd's saved-tensor hooks see
-    (parameters and their views excluded: they are held anyway), and on a GPU at least the allocator's growth
-    while the graph lives, which also counts what a kernel keeps on its context and the inputs that
-    checkpoints hold."""
+    (parameters excluded: they are held anyway; a weight's transposed view or autocast's bf16 copy is counted,
+    which errs on the safe side), and on a GPU at least the allocator's growth while the graph lives, which also
+    counts what a kernel keeps on its context and the inputs that checkpoints hold."""
     seen: dict[tuple[int, tuple], int] = {}
 
     def pack(t: torch.Tensor):
