@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/vit-probe")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "worker"))
-    from internvl_worker.modeling import load_model
+    from internvl_worker.modeling import load_model, tile_and_patch
 
     model_dir = Path(args.out) / "model-1b"
     if not (model_dir / "config.json").is_file():
@@ -57,8 +57,7 @@ def main() -> int:
     model = load_model(model_dir, dtype="bf16").model.cuda().eval().requires_grad_(False)
     vision = model.model.vision_tower
     vc = vision.config
-    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
-    patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+    size, patch = tile_and_patch(vc)
     tokens = (size // patch) ** 2 + 1
     params = sum(p.numel() for p in vision.parameters())
     flops = 2 * params * tokens * args.tiles + 4 * tokens * tokens * vc.hidden_size * vc.num_hidden_layers * args.tiles

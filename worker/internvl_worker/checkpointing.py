@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from .modeling import tile_and_patch
 from .speedups import unwrap_peft
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,7 @@ def plan_checkpointing(model, lm: torch.nn.Module, *, autocast_dtype: torch.dtyp
     vision = unwrap_peft(model).model.vision_tower
     vc = vision.config
     vision_trains = any(p.requires_grad for p in vision.parameters())
-    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
-    patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+    size, patch = tile_and_patch(vc)
     plan = CheckpointPlan(
         lm,
         plain_bytes=a,

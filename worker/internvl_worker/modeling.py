@@ -210,11 +210,15 @@ def load_model(
     return LoadedModel(model=model, template=template, tiler=tiler, spec=spec, model_dir=model_dir, adapter_dir=adapter_dir)
 
 
+def tile_and_patch(vision_config) -> tuple[int, int]:
+    """(tile size, patch size) in pixels from a vision config, which may hold either as an int or a pair."""
+    size, patch = vision_config.image_size, vision_config.patch_size
+    return (size[0] if isinstance(size, (list, tuple)) else size), (patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
 def build_template(config, tokenizer, spec: ModelSpec, *, max_length: int | None = None, max_tiles: int | None = None):
     """The model's template and tiler; tile size and image tokens per tile come from the model config."""
-    vision = config.vision_config
-    size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
-    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    size, patch = tile_and_patch(config.vision_config)
     per_tile = int((size // patch) ** 2 * config.downsample_ratio**2)  # 256 = (448/14)^2 * 0.5^2
     if per_tile != config.image_seq_length:
         raise ModelLoadError(f"config image_seq_length {config.image_seq_length} != (image_size/patch)^2 * ratio^2 = {per_tile}")
