@@ -386,10 +386,13 @@ def make_trainer_class():
             """Cross-entropy on the answer tokens only (answer_loss_sum), normalised as transformers does."""
             mask = inputs.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            if self.checkpoint_plan is not None and model.training and torch.is_grad_enabled():
-                pixels = inputs.get("pixel_values")
-                self.checkpoint_plan.apply(inputs["input_ids"].numel(), int((inputs["labels"] != IGNORE_INDEX).sum()), 0 if pixels is None else pixels.shape[0])
-            if self.offload_activations and model.training and torch.is_grad_enabled():
+            training = model.training and torch.is_grad_enabled()
+            if self.checkpoint_plan is not None and training:
+                plan, pixels = self.checkpoint_plan, inputs.get("pixel_values")
+                # Counting answer tokens waits for the GPU: only where the plan reserves room for their logits.
+                answers = int((inputs["labels"] != IGNORE_INDEX).sum()) if plan.reserve_per_answer_token else 0
+                plan.apply(inputs["input_ids"].numel(), answers, 0 if pixels is None else pixels.shape[0])
+            if self.offload_activations and training:
                 # The forward only: backward (Trainer.training_step, after this returns) copies them back.
                 self.last_offload = OffloadActivations(model)
                 with self.last_offload:
@@ -601,15 +604,17 @@ def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int =
         log.warning("--offload_activations true without gradient checkpointing copies every activation to the host and back: a much slower step")
     if args.sft_type == "lora":
         log.info("LoRA updates added by one addmm into the base output: %d layers", fuse_lora_updates(model))
-    if on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed:
-        # The Trainer runs forward under autocast (DeepSpeed does not: there the casts stay).
+    # The dtype the Trainer's autocast runs the forward in; None where it runs none (a CPU, fp32, DeepSpeed,
+    # whose model is already in its dtype): there PEFT's casts stay and the vision tower is left as it is.
+    autocast = compute if on_gpu and compute in (torch.bfloat16, torch.float16) and not args.deepspeed else None
+    if autocast is not None:
         if args.sft_type == "lora":
             log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
-        if frozen_vision_without_autocast(model, compute):
-            log.info("frozen vision tower: %s weights, autocast off", compute)
+        if frozen_vision_without_autocast(model, autocast):
+            log.info("frozen vision tower: %s weights, autocast off", autocast)
     plan = None
     if checkpointing == "auto":  # after the changes above: the measured layers are the ones that train
-        plan = plan_checkpointing(model, language_model(model), autocast_dtype=None if args.deepspeed else compute, fused_loss=linear_ce is not None, world_size=world)
+        plan = plan_checkpointing(model, language_model(model), autocast_dtype=autocast, fused_loss=linear_ce is not None, world_size=world)
     return PreparedModel(model, trainable, total, linear_ce, checkpointing, plan)
 
 
