@@ -318,9 +318,8 @@ def run_ours(model_dir: Path, data: Path, out: Path, *, full: bool, steps: int, 
         return {"error": proc.stderr.strip().splitlines()[-3:]}
     records = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
     start = next((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event": "start"')), {})
-    rows = {k: start[k] for k in ("train_rows", "val_rows", "dropped_rows") if k in start}
-    used = json.loads((out / "sft_args.json").read_text()) if (out / "sft_args.json").is_file() else {}
-    rows["liger_kernels"] = used.get("liger_kernels")  # what ran: Liger is on by default where installed
+    # what ran, from sft's start event: Liger is on by default where installed, checkpointing auto on a GPU
+    rows = {k: start[k] for k in ("train_rows", "val_rows", "dropped_rows", "liger_kernels", "checkpointing") if k in start}
     return timed_throughput(records, batch=batch, warmup=warmup) | rows | step_records(records, batch=batch)
 
 
