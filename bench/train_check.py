@@ -15,13 +15,12 @@ import os
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from record import card_name  # noqa: E402  (kept importable from here: the card's name as nvidia-smi gives it)
+from record import write_record  # noqa: E402
 
 
 def summarize(run_dir: Path) -> dict:
@@ -86,22 +85,13 @@ def main() -> int:
             continue
         results[name] = {"gpus": nproc, "wall_s": round(time.time() - t0, 1), **summarize(out / name)}
         print(name, json.dumps(results[name]), flush=True)
-    card = card_name()
-    record = {
-        "card": card,
-        "command": "python bench/train_check.py " + " ".join(sys.argv[1:]),
-        "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
-        "date": date.today().isoformat(),
-        "config": {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps, "attention": "sdpa", "gradient_checkpointing": "internvl sft's default (auto)", "dataloader_workers_per_rank": args.workers},
-        "baselines": {},
-        "ours": results,
-        # Scaling: samples/s on two GPUs over one, the same method, settings and per-GPU batch (1.0 = no gain).
-        "ratios": {f"{two}_vs_{one}": round(results[two]["samples_per_s"] / results[one]["samples_per_s"], 3)
-                   for two, one in (("lora-ddp-2gpu", "lora-1gpu"), ("full-zero2-2gpu", "full-zero2-1gpu"), ("full-zero2-2gpu", "full-1gpu"))
-                   if "samples_per_s" in results.get(two, {}) and "samples_per_s" in results.get(one, {})},  # fmt: skip
-    }
-    path = Path(args.results_dir or out) / f"train-{args.what}-{card.replace(' ', '-')}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    config = {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps,
+              "attention": "sdpa", "gradient_checkpointing": "internvl sft's default (auto)", "dataloader_workers_per_rank": args.workers}  # fmt: skip
+    # Scaling: samples/s on two GPUs over one, the same method, settings and per-GPU batch (1.0 = no gain).
+    ratios = {f"{two}_vs_{one}": round(results[two]["samples_per_s"] / results[one]["samples_per_s"], 3)
+              for two, one in (("lora-ddp-2gpu", "lora-1gpu"), ("full-zero2-2gpu", "full-zero2-1gpu"), ("full-zero2-2gpu", "full-1gpu"))
+              if "samples_per_s" in results.get(two, {}) and "samples_per_s" in results.get(one, {})}  # fmt: skip
+    path = write_record(args.results_dir or out, "train", args.what, config=config, baselines={}, ours=results, ratios=ratios)
     print("wrote", path)
     return 0 if all("error" not in r for r in results.values()) else 1
 
