@@ -42,12 +42,14 @@ Prints JSON lines as it goes and a table at the end; writes bench/results/train-
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -356,10 +358,16 @@ def profile_step(model, batch, optimizer, params, timer, *, cuda: bool, linear_c
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=cuda) as prof:
         train_step(model, batch, optimizer, params, timer, autocast=cuda, linear_ce=linear_ce)
         if cuda:
             torch.cuda.synchronize()
+    idle = None
+    if cuda:
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            with open(f"{tmp}/trace.json") as f:
+                idle = gpu_idle(json.load(f).get("traceEvents", []))
     rows = []
     for e in prof.key_averages():
         if cuda:
@@ -379,6 +387,80 @@ def profile_step(model, batch, optimizer, params, timer, *, cuda: bool, linear_c
         "what": "CUDA kernels" if cuda else "CPU ops (self time)", "total_ms": round(total / 1e3, 2),
         "by_kind_ms": {k: round(v / 1e3, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top": [{"name": name[:160], "calls": calls, "ms": round(us / 1e3, 3), "share": round(us / total, 4), "kind": kernel_kind(name)} for name, calls, us in rows[:25]],
+        **({"gpu_idle": idle} if idle else {}),
+    }  # fmt: skip
+
+
+GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_EVENTS = ("cuda_runtime", "cuda_driver")
+
+
+def _short_frame(name: str) -> str:
+    """A Python frame as the trace names it ("/.../site-packages/peft/tuners/lora/layer.py(770): forward"),
+    from its package on."""
+    return re.sub(r"^.*?(site-packages|dist-packages)/", "", name).replace(str(ROOT) + "/", "")
+
+
+def _is_library_internal(frame: str) -> bool:
+    """Frames of torch itself and built-ins: not where a step's own code is."""
+    return frame.startswith(("torch/", "<built-in", "<string>", "contextlib", "functools", "threading", "typing")) or frame.startswith("nn.Module:")
+
+
+def gpu_idle(events: list[dict], *, min_gap_us: float = 5.0, top: int = 15) -> dict:
+    """Where the GPU waited in one profiled step (torch.profiler's Chrome trace with_stack=True): the time
+    between the first kernel's start and the last one's end that no kernel, copy or memset covered, and
+    each gap of at least `min_gap_us` charged to the code that launched the kernel after it: the innermost
+    Python frame outside torch (the layer, the loss, the optimizer) around the launch, or the innermost
+    CPU op where no Python frame is (autograd's backward thread). A GPU that waits while the host is
+    still launching is the sign of a step bound by Python and launch overhead, not by its kernels."""
+    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_EVENTS), key=lambda e: e["ts"])
+    if not gpu:
+        return {}
+    launches = {e["args"]["correlation"]: e for e in events if e.get("cat") in LAUNCH_EVENTS and "correlation" in e.get("args", {})}
+    # Gaps, each with the launch of the kernel that ended it.
+    gaps, busy_until, busy = [], gpu[0]["ts"], 0.0
+    for e in gpu:
+        start, end = e["ts"], e["ts"] + e.get("dur", 0)
+        if start - busy_until >= min_gap_us:
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            gaps.append((start - busy_until, launch))
+        busy += max(0.0, end - max(start, busy_until))
+        busy_until = max(busy_until, end)
+    span = busy_until - gpu[0]["ts"]
+    # The enclosing frames and ops of each launch: a sweep over each thread's nested events in start order.
+    spans: dict[tuple, list[tuple[float, float, str]]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("python_function", "cpu_op"):
+            name = _short_frame(e["name"]) if e["cat"] == "python_function" else e["name"]
+            spans.setdefault((e.get("tid"), e["cat"]), []).append((e["ts"], e["ts"] + e.get("dur", 0), name))
+    starts = {}
+    for key, v in spans.items():
+        v.sort(key=lambda t: (t[0], -t[1]))
+        starts[key] = [t[0] for t in v]
+
+    def innermost(tid, cat: str, t: float, keep) -> str | None:
+        """Walking back from t, the first event that still encloses t started latest: it is the innermost."""
+        v = spans.get((tid, cat), ())
+        for i in range(bisect.bisect_right(starts.get((tid, cat), []), t) - 1, -1, -1):
+            _, end, name = v[i]
+            if end >= t and keep(name):
+                return name
+        return None
+
+    by_place: dict[str, list[float]] = {}
+    for gap, launch in gaps:
+        place = "(launch not in the trace)"
+        if launch is not None:
+            t, tid = launch["ts"], launch.get("tid")
+            place = innermost(tid, "python_function", t, lambda n: not _is_library_internal(n)) or innermost(tid, "cpu_op", t, lambda n: True) or place
+        slot = by_place.setdefault(place, [0.0, 0])
+        slot[0] += gap
+        slot[1] += 1
+    ranked = sorted(by_place.items(), key=lambda kv: -kv[1][0])
+    return {
+        "span_ms": round(span / 1e3, 2), "busy_ms": round(busy / 1e3, 2), "idle_ms": round((span - busy) / 1e3, 2),
+        "idle_share": round((span - busy) / span, 4) if span else 0.0, "gaps": len(gaps), "min_gap_us": min_gap_us,
+        "top": [{"where": place[:160], "idle_ms": round(ms / 1e3, 2), "gaps": n} for place, (ms, n) in ranked[:top]],
     }  # fmt: skip
 
 
@@ -399,7 +481,7 @@ def main() -> int:
     ap.add_argument("--getitem_rows", type=int, default=48, help="rows whose __getitem__ is split in the main process (default: 48)")
     ap.add_argument("--group_by_length", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL", help="length-grouped sampler, as internvl sft's default (default: true)")
     ap.add_argument("--kernels", action="store_true", help="one more step of --kernels_config under torch.profiler: top 25 CUDA kernels")
-    ap.add_argument("--kernels_config", default="lora-gc", help="method-gc or method-nogc (default: lora-gc, internvl sft's default)")
+    ap.add_argument("--kernels_config", default="lora-gc", help="comma-separated method-gc or method-nogc names (default: lora-gc)")
     ap.add_argument("--out", default="/tmp/train-profile", help="work folder: the random model (kept), the data")
     ap.add_argument("--results_dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--what", default="profile", help="names the record train-<what>-<card>-<date>.json (default: profile)")
@@ -507,7 +589,7 @@ def main() -> int:
         for gc_on in gcs:
             name = f"{method}-{'gc' if gc_on else 'nogc'}"
             t0 = time.time()
-            r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name == args.kernels_config, linear_ce=linear_ce)
+            r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name in args.kernels_config.split(","), linear_ce=linear_ce)
             r.update(trainable_parameters=trainable, wall_s=round(time.time() - t0, 1))
             ours["gpu"][name] = r
             print(json.dumps({"event": "gpu_step", "config": name, **{k: v for k, v in r.items() if k != "kernels"}}), flush=True)
@@ -554,6 +636,11 @@ def print_tables(ours: dict, config: dict) -> None:
             print(f"\n== {n}: one step's {kp['what']}, {kp['total_ms']} ms in all; by kind: " + ", ".join(f"{k} {ms}" for k, ms in kp["by_kind_ms"].items()))
             for e in kp["top"]:
                 print(f"{e['ms']:>9.2f} ms {e['share']:>6.1%} {e['calls']:>5d}x  {e['kind']:12s} {e['name'][:100]}")
+            if "gpu_idle" in kp:
+                gi = kp["gpu_idle"]
+                print(f"\n== {n}: the GPU idle {gi['idle_ms']} ms of {gi['span_ms']} ms ({gi['idle_share']:.1%}) in {gi['gaps']} gaps of >= {gi['min_gap_us']} us; by the code launching after the gap:")
+                for e in gi["top"]:
+                    print(f"{e['idle_ms']:>9.2f} ms {e['gaps']:>5d} gaps  {e['where'][:130]}")
 
 
 if __name__ == "__main__":

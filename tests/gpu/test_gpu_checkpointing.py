@@ -29,7 +29,7 @@ def _step(model, batch, linear_ce):
     return torch.cuda.max_memory_allocated() - base
 
 
-def test_planned_step_stays_in_its_budget(tmp_path):
+def test_planned_step_stays_in_its_budget(tmp_path, restore_qwen2):
     from internvl_worker.modeling import load_model
     from internvl_worker.registry import get_model_spec
 

@@ -72,16 +72,6 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-@pytest.fixture
-def restore_qwen2(monkeypatch):
-    """Liger replaces transformers' Qwen2 RoPE function and module classes process-wide: undo it afterwards."""
-    from transformers.models.qwen2 import modeling_qwen2
-
-    for name in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP"):
-        monkeypatch.setattr(modeling_qwen2, name, getattr(modeling_qwen2, name))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_liger_matches_the_plain_loss_and_gradients(tiny_model_dir, batch, setting, checkpointing, restore_qwen2):
@@ -193,3 +183,35 @@ def test_compiled_layers_match_eager_on_the_gpu(tiny_model_dir, batch, checkpoin
           f"worst gradient rel. error compiled {worst['compiled']:.2e}, eager bf16 {worst['eager']:.2e}")  # fmt: skip
     assert loss_err["compiled"] <= BF16_ERROR_FACTOR * loss_err["eager"] + BF16_FLOOR, loss_err
     assert worst["compiled"] <= BF16_ERROR_FACTOR * worst["eager"] + BF16_FLOOR, worst
+
+
+@pytest.mark.parametrize("head", ["fp32-trained", "bf16-frozen"])
+def test_liger_chunked_head_loss_matches_the_plain_one(monkeypatch, head):
+    """The answer-only loss through Liger in several chunks (full fine-tuning's fp32 head, cast once and its
+    gradient summed over the chunks; LoRA's frozen bf16 head) is as close to an fp32 reference as the plain
+    bf16 head + cross-entropy."""
+    pytest.importorskip("liger_kernel")
+    from internvl_worker import speedups
+    from internvl_worker.speedups import liger_linear_cross_entropy, plain_linear_cross_entropy
+
+    monkeypatch.setattr(speedups, "LOGITS_CHUNK_TOKENS", 64)  # 300 tokens: several chunks
+    assert speedups.liger_chunk_mem_const(300, 5000, 128) > 1
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 128, device="cuda") * 0.05
+    weight = weight.requires_grad_() if head == "fp32-trained" else weight.bfloat16()
+    hidden = torch.randn(300, 128, device="cuda").bfloat16().requires_grad_()
+    targets = torch.randint(0, 5000, (300,), device="cuda")
+    wrt = [hidden] + ([weight] if weight.requires_grad else [])
+
+    def run(fn, autocast=True, cast=lambda t: t):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(cast(weight), cast(hidden), targets)
+        return loss.float(), [g.float() for g in torch.autograd.grad(loss, wrt)]
+
+    exact_loss, exact_grads = run(plain_linear_cross_entropy, autocast=False, cast=lambda t: t.float())
+    results = {"liger": run(liger_linear_cross_entropy), "plain": run(plain_linear_cross_entropy)}
+    loss_err = {k: abs(float(loss - exact_loss)) / float(exact_loss) for k, (loss, _) in results.items()}
+    grad_err = {k: max(_rel(g, e) for g, e in zip(grads, exact_grads)) for k, (_, grads) in results.items()}
+    print(f"chunked Liger head, {head}: loss rel. error liger {loss_err['liger']:.2e}, plain {loss_err['plain']:.2e}; worst gradient liger {grad_err['liger']:.2e}, plain {grad_err['plain']:.2e}")
+    assert loss_err["liger"] <= BF16_ERROR_FACTOR * loss_err["plain"] + BF16_FLOOR, loss_err
+    assert grad_err["liger"] <= BF16_ERROR_FACTOR * grad_err["plain"] + BF16_FLOOR, grad_err

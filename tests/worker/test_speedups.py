@@ -28,7 +28,7 @@ def test_flags_parse_and_defaults():
     parse = lambda *extra: from_namespace(build_parser().parse_args(["sft", "--dataset", "d.jsonl", *extra]))  # noqa: E731
     assert parse().use_liger_kernel is None and not parse().torch_compile  # Liger: auto
     assert parse().resolved_liger(available=True) and not parse().resolved_liger(available=False)
-    assert not parse("--torch_compile", "true").resolved_liger(available=True)  # compiled layers keep torch's kernels
+    assert parse("--torch_compile", "true").resolved_liger(available=True)  # the fused loss; setup_liger(layers=False)
     assert not parse("--use_liger_kernel", "false").resolved_liger(available=True)
     assert parse("--use_liger_kernel", "true").resolved_liger(available=False)  # asked for: warns, then falls back
     on = parse("--use_liger_kernel", "true", "--torch_compile", "yes")
@@ -391,3 +391,42 @@ def test_frozen_vision_runs_in_bf16_without_autocast(tiny, offload_batch):
     trained = copy.deepcopy(tiny.model)
     assert not frozen_vision_without_autocast(trained, torch.bfloat16)
     assert {p.dtype for p in trained.model.vision_tower.parameters()} == {torch.float32}
+
+
+def _liger_chunk(tokens: int, vocab: int, hidden: int, const: int) -> int:
+    """Liger 0.8's chunk size for `chunk_mem_const` (ops/fused_linear_cross_entropy.py), restated."""
+    inc = -(-vocab // (const * hidden))
+    return min(1 << (-(-tokens // inc) - 1).bit_length(), tokens)
+
+
+@pytest.mark.parametrize(("tokens", "vocab", "hidden"), [(5461, 151674, 896), (100, 151674, 896), (32768, 151674, 896), (900, 92553, 6144), (32768, 92553, 6144), (20000, 32000, 4096)])
+def test_liger_chunks_hold_about_chunk_tokens(tokens, vocab, hidden):
+    """The constant passed to Liger gives chunks of LOGITS_CHUNK_TOKENS (up to twice that after Liger's rounding to
+    a power of two), where Liger's default of 1 gives chunks as small as the head's input (64 answer tokens of
+    the 1B shape's 5,461: 86 chunks)."""
+    n = speedups.LOGITS_CHUNK_TOKENS
+    chunk = _liger_chunk(tokens, vocab, hidden, speedups.liger_chunk_mem_const(tokens, vocab, hidden))
+    assert chunk <= 2 * n
+    assert chunk >= min(tokens, n // 2)  # never many more chunks than the budget needs
+    if (tokens, vocab, hidden) == (5461, 151674, 896):
+        assert _liger_chunk(tokens, vocab, hidden, 1) == 64 and chunk == 2048  # 3 chunks instead of 86
+
+
+def test_liger_beside_compiled_layers_gives_only_the_fused_loss(tiny, monkeypatch, tmp_path):
+    """With --torch_compile, prepare_model asks setup_liger for the fused loss alone: no decoder layer module is
+    patched (dynamo cannot trace Liger's autograd Functions inside compiled layers)."""
+    monkeypatch.setattr(speedups, "liger_unavailable", lambda: None)
+    monkeypatch.setattr(train_module, "liger_unavailable", lambda: None)
+    monkeypatch.setattr(speedups, "apply_liger_kernels", lambda model: pytest.fail("layers patched"))
+    assert setup_liger(tiny.model, layers=False) is speedups.liger_linear_cross_entropy
+    layer = tiny.model.model.language_model.layers[0]
+    assert "forward" not in layer.mlp.__dict__ and "forward" not in layer.input_layernorm.__dict__
+    seen = []
+    monkeypatch.setattr(train_module, "setup_liger", lambda model, layers=True: seen.append(layers))
+    monkeypatch.setattr(train_module, "compile_decoder_layers", lambda model: 0)
+    from internvl_worker.registry import get_model_spec
+
+    for compiled in (True, False):
+        args = SftArguments(sft_type="lora", torch_compile=compiled, output_dir=str(tmp_path))
+        train_module.prepare_model(copy.deepcopy(tiny.model), args, get_model_spec("internvl3-1b"), on_gpu=False)
+    assert seen == [False, True]

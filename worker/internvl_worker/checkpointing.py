@@ -23,7 +23,7 @@ import logging
 import torch
 
 from .modeling import tile_and_patch
-from .speedups import unwrap_peft
+from .speedups import LOGITS_CHUNK_TOKENS, unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ def plan_checkpointing(model, lm: torch.nn.Module, *, autocast_dtype: torch.dtyp
         plain_bytes=a,
         checkpointed_bytes=c,
         # gradients, and DDP's buckets beside them on several GPUs; Liger's fused loss also builds the LM head's
-        # weight gradient in fp32 during the forward
-        reserve_bytes=trained * (2 if world_size > 1 else 1) + (head.numel() * 4 if fused_loss else 0),
+        # weight gradient in fp32 during the forward, beside a bf16 copy of the head and one chunk's logits
+        reserve_bytes=trained * (2 if world_size > 1 else 1) + (head.numel() * 6 + 2 * LOGITS_CHUNK_TOKENS * head.shape[0] * 2 if fused_loss else 0),
         # backward's working set: a few layer-wide tensors (gradients of the MLP's activations) in fp32 at most
         reserve_per_token=6 * width * 4,
         # the answer logits in fp32, their bf16 copy and their gradient; Liger's fused loss stores none of them

@@ -70,24 +70,59 @@ def apply_liger_kernels(model) -> str | None:
     return kind
 
 
-def setup_liger(model) -> LinearCrossEntropy | None:
-    """Patch the language model with Liger's kernels; return the fused linear cross-entropy to use for the
-    loss, or None (after a warning) where Liger cannot run, as --use_flash_attn falls back to SDPA.
+def setup_liger(model, layers: bool = True) -> LinearCrossEntropy | None:
+    """Patch the language model with Liger's kernels (unless `layers` is False); return the fused linear
+    cross-entropy to use for the loss, or None (after a warning) where Liger cannot run, as --use_flash_attn
+    falls back to SDPA.
 
+    layers=False is for compiled decoder layers: inductor fuses the norms and the MLP itself, and dynamo
+    cannot trace Liger's autograd Functions inside them (torch 2.11, H100); the loss runs outside the layers.
     Call before PEFT wraps the model: Liger rebinds the forward of the existing MLP and norm modules, and
     LoRA then wraps the Linear layers those forwards call."""
     why = liger_unavailable()
     if why:
         log.warning("--use_liger_kernel true but %s: using the plain PyTorch kernels and loss", why)
         return None
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
+    if not layers:
+        log.info("Liger's fused linear cross-entropy for the loss; the decoder layers keep torch's kernels (compiled)")
+        return liger_linear_cross_entropy
     kind = apply_liger_kernels(model)
     if kind is None:
         log.warning("liger-kernel has no kernels for a %r language model: only its fused loss is used", language_model(model).config.model_type)
     else:
         log.info("Liger kernels applied to the %s language model", kind)
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return liger_linear_cross_entropy
+
+
+# Liger's fused loss splits the answer tokens into chunks and, per chunk, reads the whole LM head (272 MB in bf16
+# on the 1B shape) once for the logits, once for their input gradient and, when the head trains, adds into its
+# fp32 gradient. Its default chunk keeps the chunk's logits as small as the head's input (64 of 5,461 answer
+# tokens on the 1B shape: 86 chunks), so those weight passes and each chunk's Python and kernel launches made
+# the loss 119 ms of a 629 ms LoRA step on an H100 (bench/train_profile.py). Chunks of up to this many tokens
+# hold at most 2 x 2,048 x 151,674 bf16 logits (1.2 GB) at a time.
+LOGITS_CHUNK_TOKENS = 2048
+
+
+def liger_chunk_mem_const(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's `chunk_mem_const` for chunks of about LOGITS_CHUNK_TOKENS tokens (at most twice that: Liger rounds
+    the chunk up to a power of two). Liger sizes a chunk as next_pow2(ceil(tokens / ceil(vocab / (C x hidden))))."""
+    chunks = max(1, -(-tokens // LOGITS_CHUNK_TOKENS))
+    return max(1, -(-vocab // (hidden * chunks)))
+
+
+def liger_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Liger's fused linear cross-entropy (summed) in chunks of LOGITS_CHUNK_TOKENS. Under autocast an fp32
+    head (full fine-tuning's master weights) is cast to the autocast dtype once here, not once per chunk
+    inside Liger's matmuls, and its gradient is summed over the chunks in fp32, then rounded once as any
+    linear layer's weight gradient is under autocast."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and weight.dtype != (dtype := torch.get_autocast_dtype(device)):
+        weight = weight.to(dtype)
+    const = liger_chunk_mem_const(hidden.shape[0], weight.shape[0], weight.shape[1])
+    accum = torch.float32 if weight.requires_grad and weight.dtype != torch.float32 else None
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", accum_dtype=accum, chunk_mem_const=const)
 
 
 def compile_decoder_layers(model, backend: str = "inductor") -> int:

@@ -593,7 +593,7 @@ def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int =
     compute = torch_dtype(args.dtype)
     model.config.use_cache = False
     use_liger = args.resolved_liger(available=liger_unavailable() is None)
-    linear_ce = setup_liger(model) if use_liger else None  # before PEFT wraps the layers
+    linear_ce = setup_liger(model, layers=not args.torch_compile) if use_liger else None  # before PEFT wraps the layers
     model, trainable, total = prepare_trainable(model, args, spec)
     checkpointing = args.resolved_checkpointing(on_gpu)
     if checkpointing != "none":

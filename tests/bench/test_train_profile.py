@@ -1,0 +1,50 @@
+"""bench/train_profile.py's GPU-idle analysis on a hand-made torch.profiler trace: which gaps between kernels
+it finds and which code it charges them to."""
+
+import pytest
+
+from .conftest import load_bench_module
+
+
+@pytest.fixture(scope="module")
+def profile_mod(bench_path):
+    return load_bench_module("train_profile")
+
+
+def _x(cat, name, ts, dur, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+
+def test_gpu_idle_charges_each_gap_to_the_code_that_launched_after_it(profile_mod):
+    site = "/usr/lib/python3.12/site-packages/"
+    events = [
+        # host side, main thread: a step frame around a PEFT layer's forward around torch's own linear
+        _x("python_function", f"{profile_mod.ROOT}/bench/train_profile.py(100): train_step", 0, 100),
+        _x("python_function", f"{site}peft/tuners/lora/layer.py(770): forward", 20, 12),
+        _x("python_function", f"{site}torch/nn/functional.py(1): linear", 25, 5),
+        _x("python_function", f"{site}peft/tuners/lora/layer.py(770): forward", 5, 3),  # a sibling that ended earlier
+        _x("cuda_runtime", "cudaLaunchKernel", 1, 1, correlation=1),
+        _x("cuda_runtime", "cudaLaunchKernel", 26, 1, correlation=2),
+        # backward's thread: no Python frames, only ops
+        _x("cpu_op", "autograd::engine::evaluate_function: AddmmBackward0", 40, 8, tid=2),
+        _x("cuda_runtime", "cudaLaunchKernel", 42, 1, tid=2, correlation=3),
+        _x("cuda_runtime", "cudaLaunchKernel", 43, 1, tid=2, correlation=4),
+        _x("cuda_runtime", "cudaLaunchKernel", 44, 1, tid=2, correlation=5),
+        # device side (tid = stream)
+        _x("kernel", "gemm_a", 0, 10, tid=7, correlation=1),
+        _x("kernel", "gemm_b", 30, 10, tid=7, correlation=2),  # 20 us after gemm_a
+        _x("kernel", "add", 46, 4, tid=7, correlation=3),  # 6 us after gemm_b
+        _x("gpu_memcpy", "Memcpy DtoD", 50, 10, tid=7, correlation=4),  # back to back: no gap
+        _x("kernel", "other_stream", 55, 15, tid=8, correlation=5),  # overlaps the copy
+    ]
+    idle = profile_mod.gpu_idle(events, min_gap_us=5.0)
+    # Busy: [0,10] + [30,40] + [46,70] = 44 of a 70 us span.
+    assert (idle["span_ms"], idle["busy_ms"], idle["idle_ms"], idle["gaps"]) == (0.07, 0.04, 0.03, 2)
+    assert [(e["where"], e["gaps"]) for e in idle["top"]] == [
+        ("peft/tuners/lora/layer.py(770): forward", 1),  # innermost frame outside torch around the launch
+        ("autograd::engine::evaluate_function: AddmmBackward0", 1),  # no Python frame on backward's thread
+    ]
+    assert idle["top"][0]["idle_ms"] == 0.02
+    # A larger threshold drops the 6 us gap.
+    assert profile_mod.gpu_idle(events, min_gap_us=10.0)["gaps"] == 1
+    assert profile_mod.gpu_idle([e for e in events if e["cat"] != "kernel" and e["cat"] != "gpu_memcpy"]) == {}
