@@ -188,7 +188,7 @@ def time_loader(ds, batches: list[list[int]], *, workers: int, pad_id: int, pin:
 # ------------------------------------------------------------------------------------------------ GPU step
 
 
-def load_for(method: str, model_dir: Path, device):
+def load_for(method: str, model_dir: Path, device, compile_layers: bool = False):
     """(model, trainable, total, Liger's fused loss or None) prepared by run_sft's own `train.prepare_model` for
     this method; every layer checkpointed (run_config turns it off per config instead of planning it)."""
     import torch
@@ -204,9 +204,9 @@ def load_for(method: str, model_dir: Path, device):
     if not on_gpu:
         model.to(device)
     if method == "lora":
-        args = SftArguments(sft_type="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target_modules=LORA_TARGETS, freeze_vit=True, freeze_aligner=True, gradient_checkpointing=True)
+        args = SftArguments(sft_type="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target_modules=LORA_TARGETS, freeze_vit=True, freeze_aligner=True, gradient_checkpointing=True, torch_compile=compile_layers)
     else:
-        args = SftArguments(sft_type="full", freeze_vit=True, freeze_aligner=False, gradient_checkpointing=True)
+        args = SftArguments(sft_type="full", freeze_vit=True, freeze_aligner=False, gradient_checkpointing=True, torch_compile=compile_layers)
     prepared = prepare_model(model, args, loaded.spec, on_gpu=on_gpu)
     model = prepared.model
     model.train()
@@ -480,6 +480,7 @@ def main() -> int:
     ap.add_argument("--workers", default="2,6", help="DataLoader worker counts to time (default: 2,6)")
     ap.add_argument("--getitem_rows", type=int, default=48, help="rows whose __getitem__ is split in the main process (default: 48)")
     ap.add_argument("--group_by_length", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL", help="length-grouped sampler, as internvl sft's default (default: true)")
+    ap.add_argument("--compile", action="store_true", help="--torch_compile true: compiled decoder layers (give --warmup 3 or more: the first batches compile)")
     ap.add_argument("--kernels", action="store_true", help="one more step of --kernels_config under torch.profiler: top 25 CUDA kernels")
     ap.add_argument("--kernels_config", default="lora-gc", help="comma-separated method-gc or method-nogc names (default: lora-gc)")
     ap.add_argument("--out", default="/tmp/train-profile", help="work folder: the random model (kept), the data")
@@ -532,7 +533,7 @@ def main() -> int:
     print(json.dumps({"event": "setup", **header}), flush=True)
 
     batches = sampler_batches(lengths, args.batch, grouped=args.group_by_length)
-    config = {**header, "batch_size": args.batch, "group_by_length": args.group_by_length, "warmup_steps": args.warmup, "timed_steps": args.steps,
+    config = {**header, "batch_size": args.batch, "group_by_length": args.group_by_length, "warmup_steps": args.warmup, "timed_steps": args.steps, "compiled_layers": args.compile,
               "epoch_padding_share": {"length_grouped": padding_share(sampler_batches(lengths, args.batch, grouped=True), lengths),
                                       "random": padding_share(sampler_batches(lengths, args.batch, grouped=False), lengths)},
               "model_shape": shape,
@@ -585,7 +586,7 @@ def main() -> int:
 
     # ---- 2. GPU step alone
     for method in methods:
-        model, trainable, total, linear_ce = load_for(method, model_dir, device)
+        model, trainable, total, linear_ce = load_for(method, model_dir, device, compile_layers=args.compile)
         for gc_on in gcs:
             name = f"{method}-{'gc' if gc_on else 'nogc'}"
             t0 = time.time()

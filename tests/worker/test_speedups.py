@@ -311,6 +311,40 @@ def test_fused_lora_update_gives_peft_loss_and_gradients(tiny, offload_batch, dr
     assert worst < 1e-5, worst
 
 
+def _graph_nodes(loss) -> list[str]:
+    seen, stack, names = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_layer_is_one_autograd_node(tiny, offload_batch, dropout):
+    """Each adapted layer with a frozen base records one backward node (the step was bound by the host's work
+    per node, not by the GPU), and the whole graph has fewer nodes than PEFT's; a base that trains keeps the
+    general path."""
+    from internvl_worker.speedups import fuse_lora_updates
+    from internvl_worker.train import answer_loss_sum
+
+    plain = _lora(copy.deepcopy(tiny.model).train(), "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
+    for module in plain.modules():
+        if hasattr(module, "lora_dropout") and dropout:
+            module.lora_dropout["default"] = torch.nn.Dropout(dropout)
+    fused = copy.deepcopy(plain)
+    adapted = fuse_lora_updates(fused)
+    plain_nodes = _graph_nodes(answer_loss_sum(plain, offload_batch)[0])
+    fused_nodes = _graph_nodes(answer_loss_sum(fused, offload_batch)[0])
+    assert fused_nodes.count("_FrozenLinearWithLoraBackward") == adapted
+    assert len(fused_nodes) < len(plain_nodes) - 3 * adapted, (len(plain_nodes), len(fused_nodes))
+    fused.base_model.model.model.language_model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    assert _graph_nodes(answer_loss_sum(fused, offload_batch)[0]).count("_FrozenLinearWithLoraBackward") == adapted - 1
+
+
 def test_fused_lora_update_under_bf16_autocast_runs_no_output_sized_multiply_or_add(tiny, offload_batch):
     """A bf16 base with fp32 adapters under bf16 autocast (the Trainer's LoRA setting): PEFT's multiply and add
     over each adapted layer's output are gone from forward and backward, and the loss and gradients are as close
