@@ -223,7 +223,9 @@ class _FrozenLinearWithLora(torch.autograd.Function):
         xd2 = x2 if xd is x else xd.reshape(-1, shape[-1]).to(dtype)
         w, a_c, up = weight.to(dtype), a.to(dtype), (b * scaling).to(dtype)  # up: [out, r], scaled on out x r values
         down = xd2 @ a_c.t()  # [N, r]
-        out = torch.addmm(torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype)), down, up.t())
+        # In place: addmm's out-of-place form first copies the base output into a new tensor (a device-to-device
+        # copy of the layer's whole output per call).
+        out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype)).addmm_(down, up.t())
         ctx.save_for_backward(xd2, w, a_c, up, down)
         ctx.same_input, ctx.scaling = xd is x, scaling
         ctx.dtypes = (x.dtype, xd.dtype, a.dtype, b.dtype)
@@ -241,7 +243,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
         grad_x = grad_xd = None
         if ctx.same_input:
             if ctx.needs_input_grad[0]:
-                grad_x = torch.addmm(g @ w, d_down, a_c).view(ctx.shape).to(x_dtype)
+                grad_x = (g @ w).addmm_(d_down, a_c).view(ctx.shape).to(x_dtype)
         else:
             if ctx.needs_input_grad[0]:
                 grad_x = (g @ w).view(ctx.shape).to(x_dtype)
