@@ -480,6 +480,7 @@ def main() -> int:
     ap.add_argument("--workers", default="2,6", help="DataLoader worker counts to time (default: 2,6)")
     ap.add_argument("--getitem_rows", type=int, default=48, help="rows whose __getitem__ is split in the main process (default: 48)")
     ap.add_argument("--group_by_length", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL", help="length-grouped sampler, as internvl sft's default (default: true)")
+    ap.add_argument("--liger_layers", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL", help="false: Liger's fused loss only, the decoder layers on torch's kernels (default: true, as sft)")
     ap.add_argument("--compile", action="store_true", help="--torch_compile true: compiled decoder layers (give --warmup 3 or more: the first batches compile)")
     ap.add_argument("--kernels", action="store_true", help="one more step of --kernels_config under torch.profiler: top 25 CUDA kernels")
     ap.add_argument("--kernels_config", default="lora-gc", help="comma-separated method-gc or method-nogc names (default: lora-gc)")
@@ -534,7 +535,7 @@ def main() -> int:
     print(json.dumps({"event": "setup", **header}), flush=True)
 
     batches = sampler_batches(lengths, args.batch, grouped=args.group_by_length)
-    config = {**header, "batch_size": args.batch, "group_by_length": args.group_by_length, "warmup_steps": args.warmup, "timed_steps": args.steps, "compiled_layers": args.compile,
+    config = {**header, "batch_size": args.batch, "group_by_length": args.group_by_length, "warmup_steps": args.warmup, "timed_steps": args.steps, "compiled_layers": args.compile, "liger_layers": args.liger_layers,
               "epoch_padding_share": {"length_grouped": padding_share(sampler_batches(lengths, args.batch, grouped=True), lengths),
                                       "random": padding_share(sampler_batches(lengths, args.batch, grouped=False), lengths)},
               "model_shape": shape,
@@ -586,6 +587,12 @@ def main() -> int:
     path = save()
 
     # ---- 2. GPU step alone
+    if not args.liger_layers:  # what setup_liger does beside compiled layers, here without compiling them
+        import functools
+
+        import internvl_worker.train as train_mod
+
+        train_mod.setup_liger = functools.partial(train_mod.setup_liger, layers=False)
     for method in methods:
         model, trainable, total, linear_ce = load_for(method, model_dir, device, compile_layers=args.compile)
         for gc_on in gcs:
