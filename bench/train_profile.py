@@ -498,7 +498,6 @@ def main() -> int:
 
     from internvl_worker.data import read_dataset
     from internvl_worker.tiny import build_tiny_model
-    from internvl_worker.speedups import unmasked_attention
     from internvl_worker.train import SftDataset, collate, setup_numerics
 
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -598,8 +597,7 @@ def main() -> int:
         for gc_on in gcs:
             name = f"{method}-{'gc' if gc_on else 'nogc'}"
             t0 = time.time()
-            with unmasked_attention():  # as run_sft's training loop (its batches pass no mask)
-                r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name in args.kernels_config.split(","), linear_ce=linear_ce)
+            r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name in args.kernels_config.split(","), linear_ce=linear_ce)
             r.update(trainable_parameters=trainable, wall_s=round(time.time() - t0, 1))
             ours["gpu"][name] = r
             print(json.dumps({"event": "gpu_step", "config": name, **{k: v for k, v in r.items() if k != "kernels"}}), flush=True)

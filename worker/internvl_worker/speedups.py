@@ -12,7 +12,6 @@ All are off by default until the benchmark shows they pay on the card (offloadin
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import logging
@@ -124,24 +123,6 @@ def liger_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, targe
     const = liger_chunk_mem_const(hidden.shape[0], weight.shape[0], weight.shape[1])
     accum = torch.float32 if weight.requires_grad and weight.dtype != torch.float32 else None
     return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", accum_dtype=accum, chunk_mem_const=const)
-
-
-def unmasked_attention(enabled: bool = True):
-    """Context for a training run whose steps pass no attention mask (right-padded rows under the causal
-    mask alone; the vision tower's tiles): SDPA tries cuDNN's attention first, then flash.
-
-    setup_numerics() keeps cuDNN out of SDPA because its backward returns NaN at padded lengths of 64 mod 128
-    when a mask is passed (pytorch#196678); without a mask it was finite at that length, and it ran the 1B
-    layout's causal attention (8 x 3,712 tokens, 14 heads of 64 over 2) forward and backward in 2.07 ms against
-    flash's 3.28 ms, and the vision tower's (76 tiles) forward in 1.08 against 1.53 ms (H100,
-    bench/attention_probe.py). The flags are process-wide, so backward and checkpointed recomputation, which
-    run outside the forward, choose the same kernels. `enabled` False (--packing, whose block-diagonal mask is
-    a mask) or no CUDA: nothing changes."""
-    if not enabled or not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
 
 
 def compile_decoder_layers(model, backend: str = "inductor") -> int:

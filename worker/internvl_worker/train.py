@@ -33,7 +33,7 @@ from .images import load_image, pixels_on_device
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, frozen_vision_without_autocast, fuse_lora_updates, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unmasked_attention, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, frozen_vision_without_autocast, fuse_lora_updates, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -759,8 +759,7 @@ def run_sft(args: SftArguments) -> Path:
     if rank == 0:
         print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None, "liger_kernels": linear_ce is not None, "checkpointing": prepared.checkpointing}), flush=True)
     try:
-        with unmasked_attention(not args.packing):  # no step passes a mask unless rows are packed
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as e:
         raise GpuOutOfMemory(out_of_memory_message(args, trainer, prepared.checkpoint_plan)) from e
     last = run_dir / f"checkpoint-{trainer.state.global_step}"
