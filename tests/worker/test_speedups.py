@@ -27,10 +27,12 @@ from .synth import color_dataset
 def test_flags_parse_and_defaults():
     parse = lambda *extra: from_namespace(build_parser().parse_args(["sft", "--dataset", "d.jsonl", *extra]))  # noqa: E731
     assert parse().use_liger_kernel is None and not parse().torch_compile  # Liger: auto
-    assert parse().resolved_liger(available=True) and not parse().resolved_liger(available=False)
-    assert parse("--torch_compile", "true").resolved_liger(available=True)  # the fused loss; setup_liger(layers=False)
-    assert not parse("--use_liger_kernel", "false").resolved_liger(available=True)
-    assert parse("--use_liger_kernel", "true").resolved_liger(available=False)  # asked for: warns, then falls back
+    assert parse().resolved_liger(available=True) == "loss" and parse().resolved_liger(available=False) == "none"
+    assert parse("--torch_compile", "true").resolved_liger(available=True) == "loss"
+    assert parse("--use_liger_kernel", "false").resolved_liger(available=True) == "none"
+    assert parse("--use_liger_kernel", "true").resolved_liger(available=True) == "all"
+    assert parse("--use_liger_kernel", "true", "--torch_compile", "true").resolved_liger(available=True) == "loss"  # not in compiled layers
+    assert parse("--use_liger_kernel", "true").resolved_liger(available=False) == "all"  # asked for: setup_liger warns, falls back
     on = parse("--use_liger_kernel", "true", "--torch_compile", "yes")
     assert on.use_liger_kernel and on.torch_compile
     with pytest.raises(SystemExit):
@@ -62,7 +64,7 @@ def test_sft_with_liger_flag_but_no_liger_trains_on_the_plain_path(tiny_model_di
         last = run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "out"), use_liger_kernel=True, max_steps=2, save_steps=2, logging_steps=1, batch_size=4, gradient_accumulation_steps=1, dataloader_num_workers=0, gradient_checkpointing=False, dataset_test_ratio=0))
     assert "pip install liger-kernel" in caplog.text
     written = json.loads((last / "sft_args.json").read_text())
-    assert written["use_liger_kernel"] is True and written["liger_kernels"] is False  # asked for, not run
+    assert written["use_liger_kernel"] is True and written["liger_kernels"] == "none"  # asked for, not run
     records = [json.loads(line) for line in (last.parent / "logging.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "progress" and "loss" in r] == [1, 2]
 
@@ -446,9 +448,10 @@ def test_liger_chunks_hold_about_chunk_tokens(tokens, vocab, hidden):
         assert _liger_chunk(tokens, vocab, hidden, 1) == 64 and chunk == 2048  # 3 chunks instead of 86
 
 
-def test_liger_beside_compiled_layers_gives_only_the_fused_loss(tiny, monkeypatch, tmp_path):
-    """With --torch_compile, prepare_model asks setup_liger for the fused loss alone: no decoder layer module is
-    patched (dynamo cannot trace Liger's autograd Functions inside compiled layers)."""
+def test_liger_layer_kernels_only_when_asked_and_never_in_compiled_layers(tiny, monkeypatch, tmp_path):
+    """prepare_model asks setup_liger for the fused loss alone unless --use_liger_kernel true, and then too with
+    --torch_compile: no decoder layer module is patched (dynamo cannot trace Liger's autograd Functions inside
+    compiled layers)."""
     monkeypatch.setattr(speedups, "liger_unavailable", lambda: None)
     monkeypatch.setattr(train_module, "liger_unavailable", lambda: None)
     monkeypatch.setattr(speedups, "apply_liger_kernels", lambda model: pytest.fail("layers patched"))
@@ -460,7 +463,7 @@ def test_liger_beside_compiled_layers_gives_only_the_fused_loss(tiny, monkeypatc
     monkeypatch.setattr(train_module, "compile_decoder_layers", lambda model: 0)
     from internvl_worker.registry import get_model_spec
 
-    for compiled in (True, False):
-        args = SftArguments(sft_type="lora", torch_compile=compiled, output_dir=str(tmp_path))
+    for asked, compiled in ((True, True), (True, False), (None, False), (None, True)):
+        args = SftArguments(sft_type="lora", use_liger_kernel=asked, torch_compile=compiled, output_dir=str(tmp_path))
         train_module.prepare_model(copy.deepcopy(tiny.model), args, get_model_spec("internvl3-1b"), on_gpu=False)
-    assert seen == [False, True]
+    assert seen == [False, True, False, False]

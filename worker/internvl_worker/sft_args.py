@@ -34,7 +34,7 @@ class SftArguments:
     group_by_length: bool = field(default=True, metadata={"help": "batch rows of similar length together (less padding)"})
     packing: bool = field(default=False, metadata={"help": "concatenate each batch's rows into one sequence with per-row attention (no padding at all)"})
     attn_impl: str | None = field(default=None, metadata={"help": "attention kernel: sdpa | flex_attention | flash_attention_2 | eager (default: flash-attn if installed and asked for, else sdpa)"})
-    use_liger_kernel: bool | None = field(default=None, metadata={"help": "Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the LLM and a fused LM head + loss that never stores the answer logits (1.09-1.13x samples/s and a third of the memory on an H100, bench/README.md); auto: on where liger-kernel and a CUDA GPU are present; with --torch_compile only the fused loss (the compiled layers keep torch's kernels); true without them warns and runs the plain kernels"})
+    use_liger_kernel: bool | None = field(default=None, metadata={"help": "auto (unset): Liger's fused LM head + loss, which never stores the answer tokens' logits, where liger-kernel and a CUDA GPU are present; true: also Liger's RMSNorm, SwiGLU and RoPE kernels in the LLM (slower than torch's on an H100 at the 1B shape, bench/README.md; the loss alone beside --torch_compile); false: neither. true without Liger warns and runs the plain path"})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile each LLM decoder layer (dynamic shapes); the first batches are slow while it compiles"})
     offload_activations: bool = field(default=False, metadata={"help": "hold what autograd saves in the forward (with gradient checkpointing: each decoder layer's input) in pinned host memory, copied back in backward: less GPU memory (2.4 GB at the 25B seed shape, 4,096 tokens), a slower step; not with ZeRO-3"})
     # method
@@ -113,10 +113,16 @@ class SftArguments:
             return "auto" if on_gpu and not self.offload_activations else "all"
         return "all" if self.gradient_checkpointing else "none"
 
-    def resolved_liger(self, available: bool) -> bool:
-        """--use_liger_kernel as given, or where unset: on when Liger can run here (with --torch_compile, setup_liger
-        keeps its kernels out of the compiled layers)."""
-        return self.use_liger_kernel if self.use_liger_kernel is not None else available
+    def resolved_liger(self, available: bool) -> str:
+        """What of Liger runs: "all" (its kernels in the decoder layers and its fused loss), "loss" (the fused loss
+        alone) or "none". Unset: the fused loss where Liger can run here. Its layer kernels lost to torch's in the
+        profiled 1B step on an H100 (full fine-tuning 461 -> 428 ms a step without them; their Triton launches
+        left the GPU waiting), so they run only when asked for, and never inside compiled layers."""
+        if self.use_liger_kernel is None:
+            return "loss" if available else "none"
+        if not self.use_liger_kernel:
+            return "none"
+        return "loss" if self.torch_compile else "all"
 
     def resolved_learning_rate(self) -> float:
         return self.learning_rate if self.learning_rate is not None else (1e-4 if self.sft_type == "lora" else 1e-5)

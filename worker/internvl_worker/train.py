@@ -583,6 +583,7 @@ class PreparedModel:
     linear_ce: LinearCrossEntropy | None  # Liger's fused LM head + loss, when its kernels run
     checkpointing: str  # all | none | auto
     checkpoint_plan: CheckpointPlan | None  # --gradient_checkpointing auto on a GPU
+    liger: str = "none"  # what of Liger runs: all | loss | none
 
 
 def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int = 1) -> PreparedModel:
@@ -592,8 +593,9 @@ def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int =
     tower in plain bf16; last, for --gradient_checkpointing auto, the memory plan measured on the result."""
     compute = torch_dtype(args.dtype)
     model.config.use_cache = False
-    use_liger = args.resolved_liger(available=liger_unavailable() is None)
-    linear_ce = setup_liger(model, layers=not args.torch_compile) if use_liger else None  # before PEFT wraps the layers
+    liger = args.resolved_liger(available=liger_unavailable() is None)
+    linear_ce = setup_liger(model, layers=liger == "all") if liger != "none" else None  # before PEFT wraps the layers
+    liger = liger if linear_ce is not None else "none"
     model, trainable, total = prepare_trainable(model, args, spec)
     checkpointing = args.resolved_checkpointing(on_gpu)
     if checkpointing != "none":
@@ -615,7 +617,7 @@ def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int =
     plan = None
     if checkpointing == "auto":  # after the changes above: the measured layers are the ones that train
         plan = plan_checkpointing(model, language_model(model), autocast_dtype=autocast, fused_loss=linear_ce is not None, world_size=world)
-    return PreparedModel(model, trainable, total, linear_ce, checkpointing, plan)
+    return PreparedModel(model, trainable, total, linear_ce, checkpointing, plan, liger)
 
 
 def run_sft(args: SftArguments) -> Path:
@@ -686,7 +688,7 @@ def run_sft(args: SftArguments) -> Path:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": world,
-        "liger_kernels": linear_ce is not None,
+        "liger_kernels": prepared.liger,
         "checkpointing": prepared.checkpointing,
     }
     if rank == 0:
@@ -757,7 +759,7 @@ def run_sft(args: SftArguments) -> Path:
         checkpoint_plan=prepared.checkpoint_plan,
     )
     if rank == 0:
-        print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None, "liger_kernels": linear_ce is not None, "checkpointing": prepared.checkpointing}), flush=True)
+        print(json.dumps({"event": "start", "run_dir": str(run_dir), "train_rows": len(train_rows), "val_rows": len(val_rows), "dropped_rows": dropped + val_dropped, "trainable_parameters": trainable, "world_size": world, "resume_from": str(resume) if resume else None, "liger_kernels": prepared.liger, "checkpointing": prepared.checkpointing}), flush=True)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as e:
