@@ -369,6 +369,7 @@ CONFIGS = {
     "ours-lora-b4": ("ours", False, "real", 4, NOGC + ["--group_by_length", "false"]),
     "ours-lora-b8-auto": ("ours", False, "real", 8, []),
     "ours-lora-b16-auto": ("ours", False, "real", 16, []),
+    "ours-lora-b8-auto-w12": ("ours", False, "real", 8, ["--dataloader_num_workers", "12"]),  # is the default step loader-bound?
     "ours-lora-b8": ("ours", False, "real", 8, NOGC),
     "ours-lora-b8-noliger": ("ours", False, "real", 8, NOGC + NOLIGER),
     "ours-lora-b8-gc": ("ours", False, "real", 8, GC),
