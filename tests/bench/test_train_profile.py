@@ -48,3 +48,21 @@ def test_gpu_idle_charges_each_gap_to_the_code_that_launched_after_it(profile_mo
     # A larger threshold drops the 6 us gap.
     assert profile_mod.gpu_idle(events, min_gap_us=10.0)["gaps"] == 1
     assert profile_mod.gpu_idle([e for e in events if e["cat"] != "kernel" and e["cat"] != "gpu_memcpy"]) == {}
+
+
+def test_lora_host_probe_writes_both_settings(bench_path, tmp_path, monkeypatch):
+    """bench/lora_host_probe.py times PEFT and ours in fp32 and under bf16 autocast, forward and forward+backward,
+    and records each pair with its ratio (the timings themselves are the benchmark's, not asserted here)."""
+    import json
+    import sys
+
+    probe = load_bench_module("lora_host_probe")
+    monkeypatch.setattr(sys, "argv", ["lora_host_probe.py", "--reps", "2", "--results_dir", str(tmp_path)])
+    assert probe.main() == 0
+    (path,) = tmp_path.glob("train-lora-host-*.json")
+    record = json.loads(path.read_text())
+    keys = {f"{s}-{w}" for s in ("fp32", "bf16-autocast") for w in ("forward", "forward_backward")}
+    assert set(record["baselines"]) == set(record["ours"]) == set(record["ratios"]) == keys
+    for key in keys:
+        peft, ours = record["baselines"][key]["host_us_per_layer"], record["ours"][key]["host_us_per_layer"]
+        assert peft > 0 and ours > 0 and record["ratios"][key] == round(peft / ours, 3)

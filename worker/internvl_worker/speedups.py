@@ -19,6 +19,7 @@ import types
 from typing import Callable
 
 import torch
+from torch.nn.modules import module as _module_mod
 
 log = logging.getLogger(__name__)
 
@@ -178,31 +179,49 @@ def fuse_lora_updates(model) -> int:
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A PEFT LoRA Linear's forward with one adapter's update added by addmm; PEFT's own forward wherever
     anything else is asked (extra arguments, adapters off or merged, several or variant adapters such as
-    DoRA, a bias on B, or mixed dtypes that only autocast would reconcile)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    DoRA, a bias on B, or mixed dtypes that only autocast would reconcile).
 
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] in self.lora_variant:
-        return LoraLinear.forward(self, x, *args, **kwargs)
-    name = active[0]
-    a, b = self.lora_A[name].weight, self.lora_B[name]
-    if b.bias is not None or (x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type)):
-        return LoraLinear.forward(self, x, *args, **kwargs)
-    base, device = self.base_layer, x.device.type
-    xd = self.lora_dropout[name](x)
-    if type(base) is torch.nn.Linear and not base.weight.requires_grad and not _has_forward_hooks(base):
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return _FrozenLinearWithLora.apply(x, xd, base.weight, base.bias, a, b.weight, self.scaling[name], dtype)
+    PEFT's state is read from the instance and module dicts, not through its properties and nn.Module's
+    __getattr__: the LoRA step is bound by the host, and this dispatch ran once per adapted layer (168 a
+    forward on the 1B shape) at 50 us of its own before (bench/lora_host_probe.py)."""
+    state, modules = self.__dict__, self._modules
+    name = state["_active_adapter"]
+    if type(name) is not str:  # a list: one active adapter only
+        name = name[0] if len(name) == 1 else None
+    a_mod = modules["lora_A"]._modules.get(name) if name is not None else None
+    if args or kwargs or a_mod is None or state["_disable_adapters"] or state["merged_adapters"] or name in state["lora_variant"]:
+        return _peft_forward(self, x, *args, **kwargs)
+    a, b_mod = a_mod._parameters["weight"], modules["lora_B"]._modules[name]
+    b = b_mod._parameters["weight"]
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if b_mod._parameters.get("bias") is not None or (x.dtype != a.dtype and not autocast):
+        return _peft_forward(self, x, *args, **kwargs)
+    base, dropout = modules["base_layer"], modules["lora_dropout"]._modules[name]
+    xd = x if type(dropout) is torch.nn.Identity else dropout(x)
+    scaling = state["scaling"][name]
+    weight = base._parameters.get("weight") if type(base) is torch.nn.Linear else None
+    if weight is not None and not weight.requires_grad and not _has_forward_hooks(base):
+        return _FrozenLinearWithLora.apply(x, xd, weight, base._parameters["bias"], a, b, scaling, torch.get_autocast_dtype(device) if autocast else x.dtype)
     result = base(x)  # a base that trains or has hooks (DeepSpeed ZeRO-3 gathers its weight in one)
     down = torch.nn.functional.linear(xd, a)  # [..., rank]
-    up = (b.weight * self.scaling[name]).t()  # [rank, out]: the scaling on 8 x out values, not on the output
+    up = (b * scaling).t()  # [rank, out]: the scaling on 8 x out values, not on the output
     return torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), up).view(result.shape)
 
 
-def _has_forward_hooks(module: torch.nn.Module) -> bool:
-    from torch.nn.modules import module as module_mod
+def _peft_forward(self, x, *args, **kwargs):
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
-    return bool(module._forward_pre_hooks or module._forward_hooks or module_mod._global_forward_pre_hooks or module_mod._global_forward_hooks)
+    return LoraLinear.forward(self, x, *args, **kwargs)
+
+
+def _has_forward_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or _module_mod._global_forward_pre_hooks or _module_mod._global_forward_hooks)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (a dtype test costs far less host time than a no-op .to)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _FrozenLinearWithLora(torch.autograd.Function):
@@ -219,13 +238,13 @@ class _FrozenLinearWithLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, weight, bias, a, b, scaling, dtype):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
-        xd2 = x2 if xd is x else xd.reshape(-1, shape[-1]).to(dtype)
-        w, a_c, up = weight.to(dtype), a.to(dtype), (b * scaling).to(dtype)  # up: [out, r], scaled on out x r values
-        down = xd2 @ a_c.t()  # [N, r]
+        x2 = _as(x.reshape(-1, shape[-1]), dtype)
+        xd2 = x2 if xd is x else _as(xd.reshape(-1, shape[-1]), dtype)
+        w, a_c, up = _as(weight, dtype), _as(a, dtype), _as(b * scaling, dtype)  # up: [out, r], scaled on out x r values
+        down = torch.mm(xd2, a_c.t())  # [N, r]
         # In place: addmm's out-of-place form first copies the base output into a new tensor (a device-to-device
         # copy of the layer's whole output per call).
-        out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype)).addmm_(down, up.t())
+        out = torch.nn.functional.linear(x2, w, None if bias is None else _as(bias, dtype)).addmm_(down, up.t())
         ctx.save_for_backward(xd2, w, a_c, up, down)
         ctx.same_input, ctx.scaling = xd is x, scaling
         ctx.dtypes = (x.dtype, xd.dtype, a.dtype, b.dtype)
@@ -236,19 +255,20 @@ class _FrozenLinearWithLora(torch.autograd.Function):
     def backward(ctx, grad):
         xd2, w, a_c, up, down = ctx.saved_tensors
         x_dtype, xd_dtype, a_dtype, b_dtype = ctx.dtypes
-        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        d_down = g @ up  # [N, r]
-        grad_a = (d_down.t() @ xd2).to(a_dtype) if ctx.needs_input_grad[4] else None
-        grad_b = (g.t() @ down).to(b_dtype) * ctx.scaling if ctx.needs_input_grad[5] else None
+        needs = ctx.needs_input_grad
+        g = _as(grad.reshape(-1, grad.shape[-1]), w.dtype)
+        d_down = torch.mm(g, up)  # [N, r]
+        grad_a = _as(torch.mm(d_down.t(), xd2), a_dtype) if needs[4] else None
+        grad_b = _as(torch.mm(g.t(), down), b_dtype) * ctx.scaling if needs[5] else None
         grad_x = grad_xd = None
         if ctx.same_input:
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ w).addmm_(d_down, a_c).view(ctx.shape).to(x_dtype)
+            if needs[0]:
+                grad_x = _as(torch.mm(g, w).addmm_(d_down, a_c).view(ctx.shape), x_dtype)
         else:
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ w).view(ctx.shape).to(x_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_xd = (d_down @ a_c).view(ctx.shape).to(xd_dtype)
+            if needs[0]:
+                grad_x = _as(torch.mm(g, w).view(ctx.shape), x_dtype)
+            if needs[1]:
+                grad_xd = _as(torch.mm(d_down, a_c).view(ctx.shape), xd_dtype)
         return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
 
 
