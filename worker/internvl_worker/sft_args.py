@@ -118,9 +118,9 @@ class SftArguments:
         alone) or "none". Unset: the fused loss where Liger can run here. Its layer kernels lost to torch's in the
         profiled 1B step on an H100 (full fine-tuning 461 -> 428 ms a step without them; their Triton launches
         left the GPU waiting), so they run only when asked for, and never inside compiled layers."""
-        if self.use_liger_kernel is None:
-            return "loss" if available else "none"
-        if not self.use_liger_kernel:
+        if self.use_liger_kernel is None and not available:
+            return "none"
+        if self.use_liger_kernel is False:
             return "none"
         return "loss" if self.torch_compile else "all"
 
