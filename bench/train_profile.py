@@ -18,7 +18,7 @@ under bf16 autocast (the Trainer's bf16=True); fp32 without autocast on a CPU. D
 2. GPU step alone, on batches collated and copied to the GPU beforehand (no data loading): `--methods lora`
    (PEFT LoRA r 8, alpha 32, dropout 0 on the LLM's 7 linear layers, ViT and projector frozen) and `full`
    (LLM + projector trained, ViT frozen), both through run_sft's own `train.prepare_model` with an
-   `SftArguments` (Liger's fused loss where installed, its layer kernels with --liger_layers true, the fused LoRA update, PEFT's casts skipped and the frozen
+   `SftArguments` (Liger's kernels and fused loss where installed (--use_liger_kernel), the fused LoRA update, PEFT's casts skipped and the frozen
    ViT in plain bf16 under autocast), with gradient checkpointing off and on for every layer. One step = the trainer's loss
    (`train.answer_loss_sum`, the function `InternVLTrainer.compute_loss` calls, divided by the answer tokens)
    under autocast, backward, `clip_grad_norm_(1.0)`, the trainer's non-finite guard (`_foreach_norm` + a sync),
@@ -188,7 +188,7 @@ def time_loader(ds, batches: list[list[int]], *, workers: int, pad_id: int, pin:
 # ------------------------------------------------------------------------------------------------ GPU step
 
 
-def load_for(method: str, model_dir: Path, device, compile_layers: bool = False, liger_layers: bool = False):
+def load_for(method: str, model_dir: Path, device, compile_layers: bool = False, liger: bool | None = None):
     """(model, trainable, total, Liger's fused loss or None) prepared by run_sft's own `train.prepare_model` for
     this method; every layer checkpointed (run_config turns it off per config instead of planning it)."""
     import torch
@@ -204,9 +204,9 @@ def load_for(method: str, model_dir: Path, device, compile_layers: bool = False,
     if not on_gpu:
         model.to(device)
     if method == "lora":
-        args = SftArguments(sft_type="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target_modules=LORA_TARGETS, freeze_vit=True, freeze_aligner=True, gradient_checkpointing=True, torch_compile=compile_layers, use_liger_kernel=True if liger_layers else None)
+        args = SftArguments(sft_type="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target_modules=LORA_TARGETS, freeze_vit=True, freeze_aligner=True, gradient_checkpointing=True, torch_compile=compile_layers, use_liger_kernel=liger)
     else:
-        args = SftArguments(sft_type="full", freeze_vit=True, freeze_aligner=False, gradient_checkpointing=True, torch_compile=compile_layers, use_liger_kernel=True if liger_layers else None)
+        args = SftArguments(sft_type="full", freeze_vit=True, freeze_aligner=False, gradient_checkpointing=True, torch_compile=compile_layers, use_liger_kernel=liger)
     prepared = prepare_model(model, args, loaded.spec, on_gpu=on_gpu)
     model = prepared.model
     model.train()
@@ -480,7 +480,7 @@ def main() -> int:
     ap.add_argument("--workers", default="2,6", help="DataLoader worker counts to time (default: 2,6)")
     ap.add_argument("--getitem_rows", type=int, default=48, help="rows whose __getitem__ is split in the main process (default: 48)")
     ap.add_argument("--group_by_length", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL", help="length-grouped sampler, as internvl sft's default (default: true)")
-    ap.add_argument("--liger_layers", type=lambda s: s.lower() in ("1", "true", "yes"), default=False, metavar="BOOL", help="true: Liger's RMSNorm/SwiGLU/RoPE kernels in the decoder layers too (sft --use_liger_kernel true; default: false, Liger's fused loss alone, as sft's default)")
+    ap.add_argument("--use_liger_kernel", choices=["auto", "true", "false"], default="auto", help="as internvl sft's flag (default: auto, sft's default)")
     ap.add_argument("--compile", action="store_true", help="--torch_compile true: compiled decoder layers (give --warmup 3 or more: the first batches compile)")
     ap.add_argument("--kernels", action="store_true", help="one more step of --kernels_config under torch.profiler: top 25 CUDA kernels")
     ap.add_argument("--kernels_config", default="lora-gc", help="comma-separated method-gc or method-nogc names (default: lora-gc)")
@@ -534,7 +534,7 @@ def main() -> int:
     print(json.dumps({"event": "setup", **header}), flush=True)
 
     batches = sampler_batches(lengths, args.batch, grouped=args.group_by_length)
-    config = {**header, "batch_size": args.batch, "group_by_length": args.group_by_length, "warmup_steps": args.warmup, "timed_steps": args.steps, "compiled_layers": args.compile, "liger_layers": args.liger_layers,
+    config = {**header, "batch_size": args.batch, "group_by_length": args.group_by_length, "warmup_steps": args.warmup, "timed_steps": args.steps, "compiled_layers": args.compile, "use_liger_kernel": args.use_liger_kernel,
               "epoch_padding_share": {"length_grouped": padding_share(sampler_batches(lengths, args.batch, grouped=True), lengths),
                                       "random": padding_share(sampler_batches(lengths, args.batch, grouped=False), lengths)},
               "model_shape": shape,
@@ -587,7 +587,7 @@ def main() -> int:
 
     # ---- 2. GPU step alone
     for method in methods:
-        model, trainable, total, linear_ce = load_for(method, model_dir, device, compile_layers=args.compile, liger_layers=args.liger_layers)
+        model, trainable, total, linear_ce = load_for(method, model_dir, device, compile_layers=args.compile, liger={"auto": None, "true": True, "false": False}[args.use_liger_kernel])
         for gc_on in gcs:
             name = f"{method}-{'gc' if gc_on else 'nogc'}"
             t0 = time.time()

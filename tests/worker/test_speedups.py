@@ -27,8 +27,8 @@ from .synth import color_dataset
 def test_flags_parse_and_defaults():
     parse = lambda *extra: from_namespace(build_parser().parse_args(["sft", "--dataset", "d.jsonl", *extra]))  # noqa: E731
     assert parse().use_liger_kernel is None and not parse().torch_compile  # Liger: auto
-    assert parse().resolved_liger(available=True) == "loss" and parse().resolved_liger(available=False) == "none"
-    assert parse("--torch_compile", "true").resolved_liger(available=True) == "loss"
+    assert parse().resolved_liger(available=True) == "all" and parse().resolved_liger(available=False) == "none"
+    assert parse("--torch_compile", "true").resolved_liger(available=True) == "loss"  # not in compiled layers
     assert parse("--use_liger_kernel", "false").resolved_liger(available=True) == "none"
     assert parse("--use_liger_kernel", "true").resolved_liger(available=True) == "all"
     assert parse("--use_liger_kernel", "true", "--torch_compile", "true").resolved_liger(available=True) == "loss"  # not in compiled layers
@@ -448,10 +448,9 @@ def test_liger_chunks_hold_about_chunk_tokens(tokens, vocab, hidden):
         assert _liger_chunk(tokens, vocab, hidden, 1) == 64 and chunk == 2048  # 3 chunks instead of 86
 
 
-def test_liger_layer_kernels_only_when_asked_and_never_in_compiled_layers(tiny, monkeypatch, tmp_path):
-    """prepare_model asks setup_liger for the fused loss alone unless --use_liger_kernel true, and then too with
-    --torch_compile: no decoder layer module is patched (dynamo cannot trace Liger's autograd Functions inside
-    compiled layers)."""
+def test_liger_layer_kernels_never_in_compiled_layers(tiny, monkeypatch, tmp_path):
+    """With --torch_compile prepare_model asks setup_liger for the fused loss alone, asked for or auto: no decoder
+    layer module is patched (dynamo cannot trace Liger's autograd Functions inside compiled layers)."""
     monkeypatch.setattr(speedups, "liger_unavailable", lambda: None)
     monkeypatch.setattr(train_module, "liger_unavailable", lambda: None)
     monkeypatch.setattr(speedups, "apply_liger_kernels", lambda model: pytest.fail("layers patched"))
@@ -466,4 +465,4 @@ def test_liger_layer_kernels_only_when_asked_and_never_in_compiled_layers(tiny, 
     for asked, compiled in ((True, True), (True, False), (None, False), (None, True)):
         args = SftArguments(sft_type="lora", use_liger_kernel=asked, torch_compile=compiled, output_dir=str(tmp_path))
         train_module.prepare_model(copy.deepcopy(tiny.model), args, get_model_spec("internvl3-1b"), on_gpu=False)
-    assert seen == [False, True, False, False]
+    assert seen == [False, True, True, False]

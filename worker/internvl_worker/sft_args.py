@@ -34,7 +34,7 @@ class SftArguments:
     group_by_length: bool = field(default=True, metadata={"help": "batch rows of similar length together (less padding)"})
     packing: bool = field(default=False, metadata={"help": "concatenate each batch's rows into one sequence with per-row attention (no padding at all)"})
     attn_impl: str | None = field(default=None, metadata={"help": "attention kernel: sdpa | flex_attention | flash_attention_2 | eager (default: flash-attn if installed and asked for, else sdpa)"})
-    use_liger_kernel: bool | None = field(default=None, metadata={"help": "auto (unset): Liger's fused LM head + loss, which never stores the answer tokens' logits, where liger-kernel and a CUDA GPU are present; true: also Liger's RMSNorm, SwiGLU and RoPE kernels in the LLM (slower than torch's on an H100 at the 1B shape, bench/README.md; the loss alone beside --torch_compile); false: neither. true without Liger warns and runs the plain path"})
+    use_liger_kernel: bool | None = field(default=None, metadata={"help": "Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the LLM and its fused LM head + loss, which never stores the answer tokens' logits; auto (unset): on where liger-kernel and a CUDA GPU are present; beside --torch_compile only the fused loss; true without Liger warns and runs the plain path; false: off"})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile each LLM decoder layer (dynamic shapes); the first batches are slow while it compiles"})
     offload_activations: bool = field(default=False, metadata={"help": "hold what autograd saves in the forward (with gradient checkpointing: each decoder layer's input) in pinned host memory, copied back in backward: less GPU memory (2.4 GB at the 25B seed shape, 4,096 tokens), a slower step; not with ZeRO-3"})
     # method
@@ -115,9 +115,9 @@ class SftArguments:
 
     def resolved_liger(self, available: bool) -> str:
         """What of Liger runs: "all" (its kernels in the decoder layers and its fused loss), "loss" (the fused loss
-        alone) or "none". Unset: the fused loss where Liger can run here. Its layer kernels lost to torch's in the
-        profiled 1B step on an H100 (full fine-tuning 461 -> 428 ms a step without them; their Triton launches
-        left the GPU waiting), so they run only when asked for, and never inside compiled layers."""
+        alone: beside --torch_compile, whose compiled layers dynamo cannot trace with Liger's autograd Functions
+        inside) or "none". Unset: on where Liger can run here. Without the layer kernels a profiled full
+        fine-tuning step at the 1B shape peaked at 71.2 GB instead of 54.7 GB (H100, bench/README.md)."""
         if self.use_liger_kernel is None and not available:
             return "none"
         if self.use_liger_kernel is False:
