@@ -498,7 +498,7 @@ def main() -> int:
 
     from internvl_worker.data import read_dataset
     from internvl_worker.tiny import build_tiny_model
-    from internvl_worker.train import SftDataset, collate, setup_numerics
+    from internvl_worker.train import SftDataset, collate, frozen_gc, setup_numerics
 
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -591,7 +591,8 @@ def main() -> int:
         for gc_on in gcs:
             name = f"{method}-{'gc' if gc_on else 'nogc'}"
             t0 = time.time()
-            r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name in args.kernels_config.split(","), linear_ce=linear_ce)
+            with frozen_gc():  # as run_sft's training loop
+                r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name in args.kernels_config.split(","), linear_ce=linear_ce)
             r.update(trainable_parameters=trainable, wall_s=round(time.time() - t0, 1))
             ours["gpu"][name] = r
             print(json.dumps({"event": "gpu_step", "config": name, **{k: v for k, v in r.items() if k != "kernels"}}), flush=True)

@@ -466,3 +466,18 @@ def test_liger_layer_kernels_never_in_compiled_layers(tiny, monkeypatch, tmp_pat
         args = SftArguments(sft_type="lora", use_liger_kernel=asked, torch_compile=compiled, output_dir=str(tmp_path))
         train_module.prepare_model(copy.deepcopy(tiny.model), args, get_model_spec("internvl3-1b"), on_gpu=False)
     assert seen == [False, True, True, False]
+
+
+def test_sft_trains_with_the_garbage_collector_frozen_and_thaws_it(tiny_model_dir, tmp_path, monkeypatch):
+    """run_sft freezes what is alive before the first step (a full collection then skips the model and libraries)
+    and thaws it after the last, so the process is left as it was."""
+    import gc
+
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    loss = train_module.answer_loss_sum
+    monkeypatch.setattr(train_module, "answer_loss_sum", lambda *a, **kw: calls.append("step") or loss(*a, **kw))
+    data = color_dataset(tmp_path / "data", 8, seed=5)
+    run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "out"), max_steps=2, save_steps=2, logging_steps=1, batch_size=4, gradient_accumulation_steps=1, dataloader_num_workers=0, gradient_checkpointing=False, dataset_test_ratio=0))
+    assert calls == ["freeze", "step", "step", "unfreeze"], calls
