@@ -181,15 +181,15 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     anything else is asked (extra arguments, adapters off or merged, several or variant adapters such as
     DoRA, a bias on B, or mixed dtypes that only autocast would reconcile).
 
-    PEFT's state is read from the instance and module dicts, not through its properties and nn.Module's
-    __getattr__: the LoRA step is bound by the host, and this dispatch ran once per adapted layer (168 a
+    PEFT's state is read from plain attributes and the module dicts, not through its properties and nn.Module's
+    __getattr__ (the fallback for submodules): the LoRA step is bound by the host, and this dispatch ran once per adapted layer (168 a
     forward on the 1B shape) at 50 us of its own before (bench/lora_host_probe.py)."""
-    state, modules = self.__dict__, self._modules
-    name = state["_active_adapter"]
+    modules = self._modules
+    name = self._active_adapter  # plain attributes (the instance's or PEFT's class defaults): no __getattr__
     if type(name) is not str:  # a list: one active adapter only
         name = name[0] if len(name) == 1 else None
     a_mod = modules["lora_A"]._modules.get(name) if name is not None else None
-    if args or kwargs or a_mod is None or state["_disable_adapters"] or state["merged_adapters"] or name in state["lora_variant"]:
+    if args or kwargs or a_mod is None or self._disable_adapters or self.merged_adapters or name in self.lora_variant:
         return _peft_forward(self, x, *args, **kwargs)
     a, b_mod = a_mod._parameters["weight"], modules["lora_B"]._modules[name]
     b = b_mod._parameters["weight"]
@@ -199,7 +199,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return _peft_forward(self, x, *args, **kwargs)
     base, dropout = modules["base_layer"], modules["lora_dropout"]._modules[name]
     xd = x if type(dropout) is torch.nn.Identity else dropout(x)
-    scaling = state["scaling"][name]
+    scaling = self.scaling[name]
     weight = base._parameters.get("weight") if type(base) is torch.nn.Linear else None
     if weight is not None and not weight.requires_grad and not _has_forward_hooks(base):
         return _FrozenLinearWithLora.apply(x, xd, weight, base._parameters["bias"], a, b, scaling, torch.get_autocast_dtype(device) if autocast else x.dtype)
