@@ -32,8 +32,13 @@ under bf16 autocast (the Trainer's bf16=True); fp32 without autocast on a CPU. D
    Batches: the sampler's first `--warmup` batches (it puts the longest first, so memory is tried early),
    then `--steps` batches spread evenly over the rest of the epoch (the sampler sorts a 400-row megabatch by
    length, so consecutive batches are not representative).
-3. `--kernels`: one more step of `--kernels_config` under torch.profiler: the top 25 CUDA kernels by total time
-   and the kernel time by kind (GEMM, attention, elementwise, ...).
+3. `--kernels`: one more step of each `--kernels_config` under torch.profiler (with Python stacks): the top 25
+   CUDA kernels by total time, the kernel time by kind (GEMM, attention, elementwise, ...), and where the GPU
+   waited (`gpu_idle`): the time no kernel ran, each gap charged to the code that launched the kernel after it
+   (a step whose GPU waits on its host gains nothing from faster kernels).
+
+The GPU steps run as run_sft's do: Liger's kernels per --use_liger_kernel, layers compiled with --compile, the
+garbage collector frozen (train.frozen_gc).
 
 Prints JSON lines as it goes and a table at the end; writes bench/results/train-profile-<card>-<date>.json
 (bench/record.py), rewritten after each phase.
