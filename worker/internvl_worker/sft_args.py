@@ -118,9 +118,7 @@ class SftArguments:
         alone: beside --torch_compile, whose compiled layers dynamo cannot trace with Liger's autograd Functions
         inside) or "none". Unset: on where Liger can run here. Without the layer kernels a profiled full
         fine-tuning step at the 1B shape peaked at 71.2 GB instead of 54.7 GB (H100, bench/README.md)."""
-        if self.use_liger_kernel is None and not available:
-            return "none"
-        if self.use_liger_kernel is False:
+        if self.use_liger_kernel is False or (self.use_liger_kernel is None and not available):
             return "none"
         return "loss" if self.torch_compile else "all"
 

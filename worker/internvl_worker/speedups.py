@@ -1,13 +1,17 @@
-"""Optional training speed-ups, each behind an `internvl sft` flag and measured on/off in bench/train_bench.py.
+"""Training speed-ups, measured on/off in bench/train_bench.py and bench/train_profile.py.
 
-    --use_liger_kernel true   Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the language model, and the
+Behind `internvl sft` flags:
+    --use_liger_kernel        Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the language model, and the
                               answer-only loss through Liger's fused linear cross-entropy: the LM head and the
-                              loss run chunk by chunk, so no 151,674-wide logits are ever stored.
-    --torch_compile true      torch.compile on each decoder layer of the language model.
+                              loss run chunk by chunk, so no 151,674-wide logits are ever stored. On by default
+                              where liger-kernel and a CUDA GPU are present.
+    --torch_compile true      torch.compile on each decoder layer of the language model (opt-in).
     --offload_activations true   what autograd saves during the forward (with gradient checkpointing: each
-                              decoder layer's input) is held in pinned host memory and copied back in backward.
+                              decoder layer's input) is held in pinned host memory and copied back in backward
+                              (opt-in: it trades time for memory).
 
-All are off by default until the benchmark shows they pay on the card (offloading trades time for memory).
+Always on where they apply (train.prepare_model): the fused LoRA layer, PEFT's input casts skipped under
+autocast, and a frozen vision tower in plain bf16.
 """
 
 from __future__ import annotations
@@ -181,9 +185,10 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     anything else is asked (extra arguments, adapters off or merged, several or variant adapters such as
     DoRA, a bias on B, or mixed dtypes that only autocast would reconcile).
 
-    PEFT's state is read from plain attributes and the module dicts, not through its properties and nn.Module's
-    __getattr__ (the fallback for submodules): the LoRA step is bound by the host, and this dispatch ran once per adapted layer (168 a
-    forward on the 1B shape) at 50 us of its own before (bench/lora_host_probe.py)."""
+    PEFT's state is read from plain attributes and the module dicts, not through its properties and
+    nn.Module's __getattr__ (the fallback for submodules): the LoRA step is bound by the host, and this
+    dispatch runs once per adapted layer (168 a forward on the 1B shape); it took 50 us of its own before
+    (bench/lora_host_probe.py)."""
     modules = self._modules
     name = self._active_adapter  # plain attributes (the instance's or PEFT's class defaults): no __getattr__
     if type(name) is not str:  # a list: one active adapter only
