@@ -32,7 +32,10 @@ under bf16 autocast (the Trainer's bf16=True); fp32 without autocast on a CPU. D
    Batches: the sampler's first `--warmup` batches (it puts the longest first, so memory is tried early),
    then `--steps` batches spread evenly over the rest of the epoch (the sampler sorts a 400-row megabatch by
    length, so consecutive batches are not representative).
-3. `--kernels`: one more step of each `--kernels_config` under torch.profiler (with Python stacks): the top 25
+3. `--sync_sites`: one more step of each config in CUDA's sync debug mode: each call that made the host wait
+   for the GPU, by its Python caller. A step whose host waits loses the lead that the vision tower's long
+   kernels give it, which a LoRA step (bound by its host) needs.
+4. `--kernels`: one more step of each `--kernels_config` under torch.profiler (with Python stacks): the top 25
    CUDA kernels by total time, the kernel time by kind (GEMM, attention, elementwise, ...), and where the GPU
    waited (`gpu_idle`): the time no kernel ran, each gap charged to the code that launched the kernel after it
    (a step whose GPU waits on its host gains nothing from faster kernels).
@@ -272,7 +275,7 @@ def phase_flops(rows: list[dict], idx: list[int], shape: dict) -> dict:
     return {"vit": vit, "llm_fwd": llm}
 
 
-def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[int]]], *, warmup: int, rows: list[dict], device, shape: dict, peak: float | None, kernels: bool, linear_ce=None) -> dict:
+def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[int]]], *, warmup: int, rows: list[dict], device, shape: dict, peak: float | None, kernels: bool, linear_ce=None, sync_debug: bool = False) -> dict:
     import torch
 
     from internvl_worker.train import enable_checkpointing
@@ -300,6 +303,7 @@ def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[i
             if k >= warmup:
                 per_step.append((phases, batch_stats(batch, rows, idx), phase_flops(rows, idx, shape), idx))
         profile = profile_step(model, batches[warmup][0], optimizer, params, timer, cuda=cuda, linear_ce=linear_ce) if kernels else None
+        syncs = sync_sites(lambda: train_step(model, batches[warmup][0], optimizer, params, timer, autocast=cuda, linear_ce=linear_ce)) if sync_debug and cuda else None
     except torch.OutOfMemoryError as e:
         return {"error": f"out of memory: {str(e).splitlines()[0][:200]}"}
     finally:
@@ -334,7 +338,29 @@ def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[i
         r["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if profile is not None:
         r["kernels"] = profile
+    if syncs is not None:
+        r["syncs_per_step"], r["sync_sites"] = sum(x["count"] for x in syncs), syncs
     return r
+
+
+def sync_sites(step) -> list[dict]:
+    """Run step() with CUDA's sync debug mode on: each call that made the host wait for the GPU, counted by its
+    Python caller (file:line), most frequent first. The profile's own step ends with two such waits that the
+    trainer also has or reads less often: the non-finite guard and the loss read back."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(f"{_short_frame(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return [{"where": where, "count": n} for where, n in sites.most_common()]
 
 
 KERNEL_KINDS = [  # first match wins; names as CUDA/cuBLAS/PyTorch/Triton give them
@@ -489,6 +515,7 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="--torch_compile true: compiled decoder layers (give --warmup 3 or more: the first batches compile)")
     ap.add_argument("--kernels", action="store_true", help="one more step of --kernels_config under torch.profiler: top 25 CUDA kernels")
     ap.add_argument("--kernels_config", default="lora-gc", help="comma-separated method-gc or method-nogc names (default: lora-gc)")
+    ap.add_argument("--sync_sites", action="store_true", help="one more step of each config in CUDA's sync debug mode: where the host waited for the GPU (file:line, count)")
     ap.add_argument("--out", default="/tmp/train-profile", help="work folder: the random model (kept), the data")
     ap.add_argument("--results_dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--what", default="profile", help="names the record train-<what>-<card>-<date>.json (default: profile)")
@@ -597,7 +624,7 @@ def main() -> int:
             name = f"{method}-{'gc' if gc_on else 'nogc'}"
             t0 = time.time()
             with frozen_gc():  # as run_sft's training loop
-                r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name in args.kernels_config.split(","), linear_ce=linear_ce)
+                r = run_config(model, method, gc_on, on_device, warmup=args.warmup, rows=stats, device=device, shape=shape, peak=peak, kernels=args.kernels and name in args.kernels_config.split(","), linear_ce=linear_ce, sync_debug=args.sync_sites)
             r.update(trainable_parameters=trainable, wall_s=round(time.time() - t0, 1))
             ours["gpu"][name] = r
             print(json.dumps({"event": "gpu_step", "config": name, **{k: v for k, v in r.items() if k != "kernels"}}), flush=True)
@@ -649,6 +676,9 @@ def print_tables(ours: dict, config: dict) -> None:
                 print(f"\n== {n}: the GPU idle {gi['idle_ms']} ms of {gi['span_ms']} ms ({gi['idle_share']:.1%}) in {gi['gaps']} gaps of >= {gi['min_gap_us']} us; by the code launching after the gap:")
                 for e in gi["top"]:
                     print(f"{e['idle_ms']:>9.2f} ms {e['gaps']:>5d} gaps  {e['where'][:130]}")
+    for n, v in ours["gpu"].items():
+        if "sync_sites" in v:
+            print(f"\n== {n}: {v['syncs_per_step']} waits for the GPU in one step: " + ", ".join(f"{e['where']} x{e['count']}" for e in v["sync_sites"]))
 
 
 if __name__ == "__main__":

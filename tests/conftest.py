@@ -54,7 +54,7 @@ def sft_dataset(tiny):
     from internvl_worker.train import SftDataset
 
     class Row:
-        def __init__(self, conv):
-            self.conversation = conv
+        def __init__(self, conv, index):
+            self.conversation, self.where = conv, f"test row {index + 1}"
 
-    return lambda conversations, uint8=False: SftDataset([Row(c) for c in conversations], tiny.template, [0] * len(conversations), uint8=uint8)
+    return lambda conversations, uint8=False: SftDataset([Row(c, i) for i, c in enumerate(conversations)], tiny.template, [0] * len(conversations), uint8=uint8)

@@ -45,3 +45,52 @@ def test_cudnn_sdpa_nan_length_is_guarded():
     print(f"padded length {NAN_LENGTH}: gradients finite with cuDNN SDPA: {unguarded}; with our setting: {guarded}")
     assert guarded
     assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize(("sft_type", "checkpointing"), [("lora", False), ("lora", True), ("full", False)])
+def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_path, restore_qwen2, sft_type, checkpointing):
+    """The trainer's loss and backward (prepare_model's model: Liger's kernels and fused loss, the fused LoRA
+    layer, the frozen vision tower in bf16) on a collated batch copied without a wait: no call makes the host
+    wait for the GPU (CUDA's sync debug mode), so the host keeps its lead through the vision tower's kernels."""
+    import warnings
+
+    from PIL import Image
+
+    from internvl_worker.modeling import load_model
+    from internvl_worker.sft_args import SftArguments
+    from internvl_worker.templates import Conversation
+    from internvl_worker.train import answer_loss_sum, collate, prepare_model
+
+    Image.new("RGB", (900, 300), (10, 200, 10)).save(tmp_path / "wide.png")
+    convs = [Conversation(turns=[("<image> What color?", "green, and then some more words")], images=[str(tmp_path / "wide.png")]),
+             Conversation(turns=[("Say something longer, please.", "one two three four five six seven eight nine ten")])]  # fmt: skip
+    loaded = load_model(tiny_model_dir, dtype="bf16" if sft_type == "lora" else "fp32", device_map={"": 0})
+    args = SftArguments(sft_type=sft_type, gradient_checkpointing=checkpointing, output_dir=str(tmp_path / "out"))
+    prepared = prepare_model(loaded.model, args, loaded.spec, on_gpu=True)
+    model = prepared.model.train()
+    assert prepared.linear_ce is not None, "liger-kernel is part of the GPU test set-up"
+    ds = sft_dataset(convs, uint8=True)
+    host = collate([ds[0], ds[1]], loaded.template.tokenizer.pad_token_id)
+    assert host["pixel_values"].shape[0] > 1  # several tiles
+
+    def step():
+        batch = {k: v.pin_memory().to("cuda", non_blocking=True) for k, v in host.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, n, _ = answer_loss_sum(model, batch, prepared.linear_ce)
+        (loss / n).backward()
+        return loss
+
+    first = step()  # kernels compiled, caches built
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            second = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    print(f"{sft_type}, checkpointing {checkpointing}: {len(waits)} waits for the GPU in a step: {waits}")
+    assert torch.isfinite(first) and torch.allclose(first, second)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert not waits

@@ -29,9 +29,27 @@ def test_answer_only_logits_give_the_full_loss(tiny, batch_rows):
     with torch.no_grad():
         full = tiny.model(**batch).loss  # transformers' loss over all positions (mean over labelled tokens)
         loss_sum, n, outputs = answer_loss_sum(tiny.model, batch)
-    assert outputs.logits.shape[0] == n == int((batch["labels"][:, 1:] != -100).sum())
-    assert outputs.logits.shape[0] < batch["input_ids"].numel() / 3  # most positions never reach the LM head
+    assert outputs.logits.ndim == 0  # the head returned the summed loss, not logits
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert n < batch["input_ids"].numel() / 3  # most positions never reach the LM head
     torch.testing.assert_close(loss_sum / n, full, rtol=1e-5, atol=1e-5)
+
+
+def test_collate_finds_the_answer_positions_on_the_host(tiny, batch_rows):
+    """collate() hands the loss its answer positions and next tokens (so the step never waits on the GPU for
+    them); a batch without them (made elsewhere) has them found from its labels: the same loss either way."""
+    for packing in (False, True):
+        batch = collate(batch_rows, tiny.template.tokenizer.pad_token_id, packing=packing)
+        labels = batch["labels"]
+        rows, length = labels.shape
+        expect = [(r * length + t, int(labels[r, t + 1])) for r in range(rows) for t in range(length - 1) if labels[r, t + 1] != -100]
+        assert [(int(p), int(t)) for p, t in zip(batch["answer_positions"], batch["answer_targets"])] == expect
+        bare = {k: v for k, v in batch.items() if not k.startswith("answer_")}
+        with torch.no_grad():
+            a, na, _ = answer_loss_sum(tiny.model, batch)
+            b, nb, _ = answer_loss_sum(tiny.model, bare)
+        assert na == nb == len(expect)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -112,7 +130,8 @@ def test_hidden_state_path_restores_the_head_and_skips_empty_batches(tiny, batch
         answer_loss_sum(model, batch, broken)
     assert "forward" not in model.get_output_embeddings().__dict__  # restored even after an error
     # A batch without answer tokens never reaches the fused kernel (its chunking divides by the row count).
-    no_answers = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    bare = {k: v for k, v in batch.items() if not k.startswith("answer_")}  # positions found from the labels below
+    no_answers = dict(bare, labels=torch.full_like(batch["labels"], -100))
     with torch.no_grad():
         loss, n, _ = answer_loss_sum(model, no_answers, broken)
     assert n == 0 and float(loss) == 0.0

@@ -481,3 +481,94 @@ def test_sft_trains_with_the_garbage_collector_frozen_and_thaws_it(tiny_model_di
     data = color_dataset(tmp_path / "data", 8, seed=5)
     run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "out"), max_steps=2, save_steps=2, logging_steps=1, batch_size=4, gradient_accumulation_steps=1, dataloader_num_workers=0, gradient_checkpointing=False, dataset_test_ratio=0))
     assert calls == ["freeze", "step", "step", "unfreeze"], calls
+
+
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_chunked_linear_cross_entropy_gives_the_plain_loss_and_gradients(monkeypatch, head):
+    """The fused loss in several chunks (the last one short) on Liger's cross-entropy kernel, here in Triton's
+    interpreter and fp32: the plain logits + cross-entropy's summed loss, and its gradients scaled by the
+    output gradient (a mean over the batch's answers is not 1.0); a frozen head gets no gradient and costs
+    no weight-gradient pass; under no_grad only the loss."""
+    pytest.importorskip("liger_kernel")
+    if speedups._liger_ce_kernel() is None:
+        pytest.fail("liger-kernel's cross-entropy kernel takes other arguments than speedups passes: update _LIGER_CE_KERNEL_ARGS")
+    monkeypatch.setattr(speedups, "LOGITS_CHUNK_TOKENS", 16)
+    torch.manual_seed(0)
+    weight = (torch.randn(300, 24) * 0.2).requires_grad_(head == "trained")
+    hidden = torch.randn(53, 24, requires_grad=True)  # 4 chunks: 16, 16, 16, 5
+    targets = torch.randint(0, 300, (53,))
+
+    def loss_and_grads(fn):
+        loss = fn(weight, hidden, targets)
+        wrt = [hidden] + ([weight] if weight.requires_grad else [])
+        return loss.detach(), torch.autograd.grad(loss / 7.0, wrt)
+
+    loss, grads = loss_and_grads(speedups.liger_linear_cross_entropy)
+    ref_loss, ref_grads = loss_and_grads(speedups.plain_linear_cross_entropy)
+    assert loss.dtype == torch.float32 and loss.ndim == 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(ref_grads) == (2 if head == "trained" else 1)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(speedups.liger_linear_cross_entropy(weight, hidden, targets), ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_linear_cross_entropy_falls_back_to_liger_when_its_kernel_changed(monkeypatch):
+    """A liger-kernel whose cross-entropy kernel takes other arguments is not called with ours: Liger's own fused
+    function runs instead (with the chunk constant that gives LOGITS_CHUNK_TOKENS)."""
+    pytest.importorskip("liger_kernel")
+    import liger_kernel.transformers.functional as functional
+
+    monkeypatch.setattr(speedups, "_LIGER_CE_KERNEL_ARGS", ("X_ptr", "Y_ptr"))
+    assert speedups._liger_ce_kernel() is None
+    calls = []
+    monkeypatch.setattr(functional, "liger_fused_linear_cross_entropy", lambda *a, **kw: calls.append(kw) or torch.tensor(1.0))
+    speedups.liger_linear_cross_entropy(torch.randn(300, 24), torch.randn(5, 24), torch.randint(0, 300, (5,)))
+    assert calls and calls[0]["reduction"] == "sum" and calls[0]["chunk_mem_const"] == speedups.liger_chunk_mem_const(5, 300, 24)
+
+
+def test_image_placeholders_found_without_the_device_check(tiny, offload_batch):
+    """The model's own placeholder search without transformers' count check (a wait on the GPU): the same mask
+    and the same loss; a forward from embeddings still gets transformers' search."""
+    from internvl_worker.speedups import image_placeholders_without_sync
+
+    model = copy.deepcopy(tiny.model)
+    inner = model.model
+    ids = offload_batch["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    n_features = int((ids == inner.config.image_token_id).sum())
+    features = torch.zeros(n_features, embeds.shape[-1])
+    before = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
+    with torch.no_grad():
+        loss_before, _, _ = answer_loss_sum(model, offload_batch)
+    assert image_placeholders_without_sync(model)
+    assert "get_placeholder_mask" in inner.__dict__
+    assert torch.equal(inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features), before)
+    with torch.no_grad():
+        loss_after, _, _ = answer_loss_sum(model, offload_batch)
+    assert torch.equal(loss_after, loss_before)
+    # embeddings alone: transformers' search, which also checks the count (a feature short fails)
+    with pytest.raises(Exception, match="do not match"):
+        inner.get_placeholder_mask(None, inputs_embeds=embeds, image_features=features[1:])
+
+
+def test_dataset_refuses_a_row_whose_tiles_and_image_tokens_differ(tiny, sft_dataset, tmp_path, monkeypatch):
+    """The model's forward trusts that each row has image_seq_length tokens per tile; SftDataset checks it on the host."""
+    from PIL import Image
+
+    from internvl_worker.data import RowError
+
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp_path / "a.png")
+    ds = sft_dataset([Conversation(turns=[("What?", "a square")], images=[str(tmp_path / "a.png")])])
+    assert ds[0]["pixel_values"].shape[0] >= 1
+    tiler = ds.template.tiler
+
+    def one_tile_too_many(images, **kw):
+        pixels, tiles = tiler(images, **kw)
+        return torch.cat([pixels, pixels[:1]]), tiles
+
+    monkeypatch.setattr(ds.template, "tiler", one_tile_too_many)
+    with pytest.raises(RowError, match="image tokens for"):
+        ds[0]

@@ -11,7 +11,7 @@ Behind `internvl sft` flags:
                               (opt-in: it trades time for memory).
 
 Always on where they apply (train.prepare_model): the fused LoRA layer, PEFT's input casts skipped under
-autocast, and a frozen vision tower in plain bf16.
+autocast, a frozen vision tower in plain bf16, and image placeholders found without waiting on the GPU.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def setup_liger(model, layers: bool = True) -> LinearCrossEntropy | None:
 # on the 1B shape) once for the logits, once for their input gradient and, when the head trains, adds into its
 # fp32 gradient. Its default chunk keeps the chunk's logits as small as the head's input (64 of 5,461 answer
 # tokens on the 1B shape: 86 chunks), so those weight passes and each chunk's Python and kernel launches made
-# the loss 119 ms of a 629 ms LoRA step on an H100 (bench/train_profile.py). Chunks of up to this many tokens
-# hold at most 2 x 2,048 x 151,674 bf16 logits (1.2 GB) at a time.
+# the loss 119 ms of a 629 ms LoRA step on an H100 (bench/train_profile.py). Our chunks hold 2,048 x 151,674 bf16
+# logits (621 MB) at a time; Liger's own function, sized by liger_chunk_mem_const, at most twice that.
 LOGITS_CHUNK_TOKENS = 2048
 
 
@@ -116,18 +116,102 @@ def liger_chunk_mem_const(tokens: int, vocab: int, hidden: int) -> int:
 
 
 def liger_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Liger's fused linear cross-entropy (summed) in chunks of LOGITS_CHUNK_TOKENS. Under autocast an fp32
-    head (full fine-tuning's master weights) is cast to the autocast dtype once here, not once per chunk
-    inside Liger's matmuls, and its gradient is summed over the chunks in fp32, then rounded once as any
-    linear layer's weight gradient is under autocast."""
+    """The summed cross-entropy of hidden @ weight^T against targets (every target a real token), chunk by
+    chunk on Liger's Triton cross-entropy kernel (_ChunkedLinearCrossEntropy); through Liger's own fused
+    function where its kernel takes other arguments than this code knows. Under autocast the head's matmuls
+    run in autocast's dtype, as a Linear's would."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    kernel = _liger_ce_kernel()
+    if kernel is not None:
+        if not torch.is_grad_enabled():  # evaluation: the kernel then leaves the logits as they are
+            hidden, weight = hidden.detach(), weight.detach()
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets.contiguous(), dtype, kernel)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device) and weight.dtype != (dtype := torch.get_autocast_dtype(device)):
-        weight = weight.to(dtype)
+    # Liger's function reads the target count back from the GPU (and compares the output gradient with 1.0
+    # in backward): two waits a step. An fp32 head is cast once here, not in every chunk's matmul.
+    weight = weight.to(dtype)
     const = liger_chunk_mem_const(hidden.shape[0], weight.shape[0], weight.shape[1])
     accum = torch.float32 if weight.requires_grad and weight.dtype != torch.float32 else None
     return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", accum_dtype=accum, chunk_mem_const=const)
+
+
+# The arguments of liger_kernel.ops.cross_entropy.liger_cross_entropy_kernel (liger-kernel 0.5 to 0.8) that
+# _ChunkedLinearCrossEntropy passes; another set means another kernel, and Liger's own function is used.
+_LIGER_CE_KERNEL_ARGS = (
+    "X_ptr", "X_stride", "Y_ptr", "Y_stride", "weight_ptr", "loss_ptr", "z_loss_ptr", "loss_stride", "token_accuracy_ptr",
+    "token_accuracy_stride", "predicted_tokens_ptr", "predicted_tokens_stride", "n_cols", "n_non_ignore", "sum_non_ignore_weight",
+    "weight_sum", "ignore_index", "lse_square_scale", "label_smoothing", "reduction", "softcap", "RETURN_Z_LOSS",
+    "RETURN_TOKEN_ACCURACY", "RETURN_PREDICTED_TOKENS", "BLOCK_SIZE", "HAS_WEIGHT", "HAS_SOFTCAPPING", "HAS_GRADIENTS",
+)  # fmt: skip
+
+
+def _liger_ce_kernel():
+    """Liger's cross-entropy Triton kernel when its arguments are the ones _ChunkedLinearCrossEntropy passes."""
+    try:
+        from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+    except ImportError:
+        return None
+    return liger_cross_entropy_kernel if tuple(getattr(liger_cross_entropy_kernel, "arg_names", ())) == _LIGER_CE_KERNEL_ARGS else None
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_i CE(hidden_i @ weight^T, targets_i), computed LOGITS_CHUNK_TOKENS tokens at a time: a chunk's
+    logits (bf16 under autocast), Liger's kernel writes each row's loss and, in place of the logits, their
+    gradient; that gradient times the head gives the chunk's input gradient and, when the head trains, is
+    summed into an fp32 weight gradient. Backward only scales the two by the output gradient.
+
+    What Liger's fused function does, less its two waits on the GPU (the count of targets read back in the
+    forward, the output gradient compared with 1.0 in backward): the targets are the answer tokens that
+    answer_loss_sum picked, so none is ignored and the summed loss needs no count. The host then never waits
+    inside a training step's loss, and a LoRA step, bound by its host, keeps its lead on the GPU."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, kernel):
+        import triton
+
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x, w = _as(hidden, dtype), _as(weight, dtype)
+        n, vocab = x.shape[0], w.shape[0]
+        chunk = min(LOGITS_CHUNK_TOKENS, n)
+        loss = torch.empty(n, dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        buffer = torch.empty(chunk, vocab, dtype=dtype, device=x.device)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            xc, logits = x[start:end], buffer[: end - start]
+            torch.mm(xc, w.t(), out=logits)
+            kernel[(end - start,)](
+                X_ptr=logits, X_stride=logits.stride(0), Y_ptr=targets[start:end], Y_stride=1, weight_ptr=None,
+                loss_ptr=loss[start:end], z_loss_ptr=None, loss_stride=1, token_accuracy_ptr=None, token_accuracy_stride=0,
+                predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=vocab, n_non_ignore=1, sum_non_ignore_weight=1,
+                weight_sum=0.0, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None,
+                RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
+                BLOCK_SIZE=min(32768, triton.next_power_of_2(vocab)), HAS_WEIGHT=False, HAS_SOFTCAPPING=False,
+                HAS_GRADIENTS=need_x or need_w, num_warps=32,
+            )  # fmt: skip
+            if need_x:
+                torch.mm(logits, w, out=grad_x[start:end])
+            if need_w and dtype == torch.float32:
+                grad_w.addmm_(logits.t(), xc)
+            elif need_w:  # bf16 operands summed into fp32 inside the GEMM (CUDA's addmm with out_dtype)
+                torch.addmm(grad_w, logits.t(), xc, out_dtype=torch.float32, out=grad_w)
+        ctx.grads = (grad_x, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_w = ctx.grads
+        del ctx.grads
+        x_dtype, w_dtype = ctx.dtypes
+        if grad_x is not None:
+            grad_x = _as(grad_x.mul_(grad.to(grad_x.dtype)), x_dtype)
+        if grad_w is not None:
+            grad_w = _as(grad_w.mul_(grad), w_dtype)
+        return grad_x, grad_w, None, None, None
 
 
 def compile_decoder_layers(model, backend: str = "inductor") -> int:
@@ -298,6 +382,31 @@ def frozen_vision_without_autocast(model, dtype: torch.dtype) -> bool:
             return inner(*args, **kwargs)
 
     vision.forward = forward
+    return True
+
+
+def image_placeholders_without_sync(model) -> bool:
+    """Let InternVL's forward find its image-token positions without reading a count back from the GPU;
+    returns False (nothing changed) for a model without transformers' `get_placeholder_mask`.
+
+    transformers checks there that the batch has as many image tokens as the vision tower gave features, a
+    comparison of a GPU count that waits for the vision tower to finish: the host then starts the language
+    model with nothing queued, and a LoRA step, bound by its host, lost the lead that the vision tower's long
+    kernels had given it (bench/train_profile.py, sync sites). SftDataset checks the same equality on the
+    host for every row (its token count from the tiles it made), and masked_scatter still checks on the
+    device that no image token lacks a feature."""
+    inner = unwrap_peft(model).model
+    own = getattr(type(inner), "get_placeholder_mask", None)
+    if own is None:
+        return False
+    image_token_id = inner.config.image_token_id
+
+    def get_placeholder_mask(input_ids, inputs_embeds, image_features):
+        if input_ids is None:  # embeddings given: transformers' own search and check
+            return own(inner, input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+        return (input_ids == image_token_id).unsqueeze(-1).to(inputs_embeds.device)
+
+    inner.get_placeholder_mask = get_placeholder_mask
     return True
 
 

@@ -35,7 +35,7 @@ from .images import load_image, pixels_on_device
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, frozen_vision_without_autocast, fuse_lora_updates, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, frozen_vision_without_autocast, fuse_lora_updates, image_placeholders_without_sync, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,19 @@ class SftDataset(torch.utils.data.Dataset):
         images = [load_image(src) for src in conv.images]
         pixel_values, tiles = self.template.tiler(images, normalize=not self.uint8) if images else (None, [])
         enc = self.template.encode(conv, tiles, check_length=False)
+        n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        if enc.image_tokens != n_tiles * self.template.image_seq_length:
+            # The model's forward trusts this (speedups.image_placeholders_without_sync): checked here, on the host.
+            raise RowError(f"{self.rows[i].where}: {enc.image_tokens} image tokens for {n_tiles} tiles of {self.template.image_seq_length}")
         return {"input_ids": torch.tensor(enc.input_ids), "labels": torch.tensor(enc.labels), "pixel_values": pixel_values}
 
 
 def collate(batch: list[dict], pad_id: int, packing: bool = False) -> dict:
     """Right-pad to the longest row, or (packing) concatenate the rows into one sequence whose position
     ids restart at 0 for each row: with no attention mask, transformers reads the restarts as row
-    boundaries and keeps attention inside each row. Tiles of all rows are concatenated in row order."""
+    boundaries and keeps attention inside each row. Tiles of all rows are concatenated in row order.
+    Also the answer positions and their next tokens (answer_index), found here on the host so that the
+    training step never waits on the GPU to find them."""
     tiles = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
     if packing:
         out = {
@@ -100,20 +106,30 @@ def collate(batch: list[dict], pad_id: int, packing: bool = False) -> dict:
             "labels": torch.cat([b["labels"] for b in batch])[None],
             "position_ids": torch.cat([torch.arange(len(b["input_ids"])) for b in batch])[None],
         }
-        if tiles:
-            out["pixel_values"] = torch.cat(tiles)
-        return out
-    longest = max(len(b["input_ids"]) for b in batch)
-    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for k, b in enumerate(batch):
-        n = len(b["input_ids"])
-        input_ids[k, :n], labels[k, :n], attention_mask[k, :n] = b["input_ids"], b["labels"], 1
-    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    else:
+        longest = max(len(b["input_ids"]) for b in batch)
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for k, b in enumerate(batch):
+            n = len(b["input_ids"])
+            input_ids[k, :n], labels[k, :n], attention_mask[k, :n] = b["input_ids"], b["labels"], 1
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if tiles:
         out["pixel_values"] = torch.cat(tiles)
+    out["answer_positions"], out["answer_targets"] = answer_index(out["labels"])
     return out
+
+
+def answer_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets): the flat positions in labels' [rows x length] whose next token is labelled
+    (the positions the loss reads), and those next tokens. On a GPU tensor this waits for the GPU (a
+    boolean selection has a data-dependent size); collate() calls it on the host."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1
+    flat = targets.reshape(-1)
+    positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return positions, flat.index_select(0, positions)
 
 
 def measure_rows(rows, template, *, max_length: int, rank: int) -> tuple[list, list[int], int]:
@@ -169,16 +185,23 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     """(summed cross-entropy over the answer tokens, their count, model outputs).
 
     Most positions of a VLM sample are image and prompt tokens (label -100), so the LM head runs only
-    where a label follows (`logits_to_keep` as a boolean mask): for a 2,500-token row with a 200-token
-    answer that is 12x fewer 151,674-wide fp32 logits than the usual full-sequence loss.
-
-    With `linear_ce` (Liger's fused linear cross-entropy under --use_liger_kernel) not even those logits
-    are stored: for the length of the forward the LM head hands its input, the answer hidden states, to
-    `linear_ce` and returns the summed loss in place of logits (`outputs.logits` is then that scalar).
+    where a label follows: for a 2,500-token row with a 200-token answer that is 12x fewer 151,674-wide
+    logits than the usual full-sequence loss. For the length of the forward the LM head's forward is
+    replaced: it takes the answer positions' hidden states and returns the summed loss in place of logits
+    (`outputs.logits` is that scalar), through `linear_ce` (Liger's fused linear cross-entropy under
+    --use_liger_kernel: not even the answer tokens' logits are stored) or plain logits + cross-entropy.
     The loss is computed inside the head's forward so that it runs where the model's forward runs: under
-    the Trainer's autocast, inside DDP's forward, and with the head's weight gathered under ZeRO-3."""
+    the Trainer's autocast, inside DDP's forward, and with the head's weight gathered under ZeRO-3.
+
+    Nothing here waits for the GPU when the batch comes from collate(): the answer positions and targets
+    were found on the host (`answer_positions`, `answer_targets`), and the count is their length. A
+    training step whose host never waits keeps ahead of the GPU through the vision tower's long kernels,
+    which the LoRA step (bound by its host) needs (bench/train_profile.py, sync sites)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
+    positions, answer_targets = inputs.pop("answer_positions", None), inputs.pop("answer_targets", None)
+    if positions is None:  # a batch not made by collate()
+        positions, answer_targets = answer_index(labels)
     if inputs.get("pixel_values") is not None:  # SftDataset(uint8=True)'s uint8 tiles are normalized here
         inputs["pixel_values"] = pixels_on_device(inputs["pixel_values"])
     # collate() right-pads, so the causal mask alone keeps every real token's attention off the padding (the
@@ -186,33 +209,26 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     # falls back to the memory-efficient kernel, 36% of a LoRA step's kernel time (H100, 1B shape, realistic
     # rows: bench/train_profile.py).
     inputs.pop("attention_mask", None)
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1
-    keep = targets != IGNORE_INDEX
-    # use_cache=False also matters for packing: transformers reads position-id restarts as row
-    # boundaries only when no KV cache is being built.
-    if linear_ce is None:
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-        loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[keep], reduction="sum")
-        return loss, int(keep.sum()), outputs
     head = output_head(model)
-    answer_targets = targets[keep]
+    loss_fn = linear_ce or plain_linear_cross_entropy
 
-    def head_loss(hidden):  # hidden: [answer tokens, hidden size], transformers' boolean-mask slice
+    def head_loss(hidden):  # hidden: [rows, length, hidden size] (logits_to_keep=0: every position)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         # Liger's kernel divides by its chunk count, which is 0 for a batch without answer tokens.
-        fn = linear_ce if hidden.shape[0] else plain_linear_cross_entropy
-        return fn(head.weight, hidden, answer_targets)
+        return (loss_fn if picked.shape[0] else plain_linear_cross_entropy)(head.weight, picked, answer_targets)
 
     own_forward = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook), if any
     head.forward = head_loss
     try:
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        # use_cache=False also matters for packing: transformers reads position-id restarts as row
+        # boundaries only when no KV cache is being built.
+        outputs = model(**inputs, logits_to_keep=0, use_cache=False)
     finally:
         if own_forward is None:
             del head.forward  # the class's forward again
         else:
             head.forward = own_forward
-    return outputs.logits, int(keep.sum()), outputs
+    return outputs.logits, positions.numel(), outputs
 
 
 def output_head(model) -> torch.nn.Module:
@@ -345,7 +361,9 @@ def make_trainer_class():
             record = {"event": kind, "step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0, 4)}
             for key, value in logs.items():
                 if isinstance(value, (int, float)) and key != "total_flos":
-                    record[key if key != "learning_rate" else "lr"] = round(value, 8) if isinstance(value, float) else value
+                    if isinstance(value, float):  # a non-finite loss (its steps were skipped) is null: JSON has no NaN
+                        value = round(value, 8) if math.isfinite(value) else None
+                    record[key if key != "learning_rate" else "lr"] = value
             if record["event"] == "progress":
                 record["samples_per_s"] = round(steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * world / elapsed, 3)
                 record["tokens_per_s"] = round((tr.tokens_seen - self.tokens0) * world / elapsed, 1)
@@ -374,7 +392,7 @@ def make_trainer_class():
             self.offload_activations, self.last_offload = offload_activations, None
             self.run_dir, self.save_extras, self.keep_checkpoints = run_dir, save_extras, keep_checkpoints
             self.max_nonfinite_steps = max_nonfinite_steps
-            self.tokens_seen = 0
+            self._tokens_seen = 0
             self.skipped_steps = 0
             self._bad_in_a_row = 0
             self.vision_trainable = any(
@@ -384,15 +402,20 @@ def make_trainer_class():
                 self.remove_callback(printer)
             self.add_callback(ProgressLog(self, run_dir))
 
+        @property
+        def tokens_seen(self) -> int:
+            """Real (non-padding) tokens trained on so far by this rank."""
+            return int(self._tokens_seen)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Cross-entropy on the answer tokens only (answer_loss_sum), normalised as transformers does."""
             mask = inputs.get("attention_mask")
-            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            # Summed on the device: read (a wait for the GPU) only when a progress line is written.
+            self._tokens_seen = self._tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
             training = model.training and torch.is_grad_enabled()
             if self.checkpoint_plan is not None and training:
                 plan, pixels = self.checkpoint_plan, inputs.get("pixel_values")
-                # Counting answer tokens waits for the GPU: only where the plan reserves room for their logits.
-                answers = int((inputs["labels"] != IGNORE_INDEX).sum()) if plan.reserve_per_answer_token else 0
+                answers = inputs["answer_positions"].numel() if "answer_positions" in inputs else int((inputs["labels"] != IGNORE_INDEX).sum())
                 plan.apply(inputs["input_ids"].numel(), answers, 0 if pixels is None else pixels.shape[0])
             if self.offload_activations and training:
                 # The forward only: backward (Trainer.training_step, after this returns) copies them back.
@@ -634,6 +657,7 @@ def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int =
             log.info("LoRA layers take their inputs as autocast gives them: %d layers", skip_adapter_input_casts(model))
         if frozen_vision_without_autocast(model, autocast):
             log.info("frozen vision tower: %s weights, autocast off", autocast)
+    image_placeholders_without_sync(model)
     plan = None
     if checkpointing == "auto":  # after the changes above: the measured layers are the ones that train
         plan = plan_checkpointing(model, language_model(model), autocast_dtype=autocast, fused_loss=linear_ce is not None, world_size=world)
@@ -759,6 +783,12 @@ def run_sft(args: SftArguments) -> Path:
         save_only_model=False,
         prediction_loss_only=True,
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        # No step waits on the GPU for the Trainer's sake: batches are copied from pinned memory without a
+        # wait, and the loss is summed for the log as it comes (its NaN filter reads every step's loss back;
+        # the non-finite guard skips such steps and the progress line shows a null loss).
+        dataloader_pin_memory=on_gpu,
+        accelerator_config={"non_blocking": on_gpu},
+        logging_nan_inf_filter=False,
     )
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(
