@@ -344,22 +344,34 @@ def run_config(model, method: str, gc_on: bool, batches: list[tuple[dict, list[i
 
 
 def sync_sites(step) -> list[dict]:
-    """Run step() with CUDA's sync debug mode on: each call that made the host wait for the GPU, counted by its
-    Python caller (file:line), most frequent first. The profile's own step ends with two such waits that the
-    trainer also has or reads less often: the non-finite guard and the loss read back."""
+    """Run step() with CUDA's sync debug mode on: each call that made the host wait for the GPU, counted by the
+    innermost Python frame outside torch that led to it (file:line; "in" the torch frame that waited, where
+    that differs), most frequent first. The profile's own step ends with two such waits that the trainer also
+    has or reads less often: the non-finite guard and the loss read back."""
+    import traceback
     import warnings
     from collections import Counter
 
     import torch
 
-    with warnings.catch_warnings(record=True) as caught:
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f"{_short_frame(f.filename)}:{f.lineno}" for f in traceback.extract_stack()[:-1]]
+        ours = [f for f in frames if not f.startswith(("torch/", "warnings"))]
+        where = ours[-1] if ours else frames[-1]
+        sites[where if where == frames[-1] else f"{where} in {frames[-1]}"] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites = Counter(f"{_short_frame(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     return [{"where": where, "count": n} for where, n in sites.most_common()]
 
 

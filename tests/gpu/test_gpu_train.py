@@ -50,8 +50,10 @@ def test_cudnn_sdpa_nan_length_is_guarded():
 @pytest.mark.parametrize(("sft_type", "checkpointing"), [("lora", False), ("lora", True), ("full", False)])
 def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_path, restore_qwen2, sft_type, checkpointing):
     """The trainer's loss and backward (prepare_model's model: Liger's kernels and fused loss, the fused LoRA
-    layer, the frozen vision tower in bf16) on a collated batch copied without a wait: no call makes the host
-    wait for the GPU (CUDA's sync debug mode), so the host keeps its lead through the vision tower's kernels."""
+    layer, the frozen vision tower in bf16) on a collated batch copied without a wait: no call in the forward
+    makes the host wait for the GPU (CUDA's sync debug mode), so the host keeps its lead through the vision
+    tower's kernels, nor in a LoRA backward."""
+    import traceback
     import warnings
 
     from PIL import Image
@@ -73,24 +75,38 @@ def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_
     host = collate([ds[0], ds[1]], loaded.template.tokenizer.pad_token_id)
     assert host["pixel_values"].shape[0] > 1  # several tiles
 
+    phase = ["forward"]
+
     def step():
+        phase[0] = "forward"
         batch = {k: v.pin_memory().to("cuda", non_blocking=True) for k, v in host.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, n, _ = answer_loss_sum(model, batch, prepared.linear_ce)
+        phase[0] = "backward"
         (loss / n).backward()
         return loss
 
     first = step()  # kernels compiled, caches built
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    waits = {"forward": [], "backward": []}
+
+    def record(message, *args, **kwargs):  # where a wait came from: the Python stack, torch's own frames left out
+        if "synchroniz" in str(message):
+            stack = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename]
+            waits[phase[0]].append(" < ".join(stack)[:600])
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             second = step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    waits = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-    print(f"{sft_type}, checkpointing {checkpointing}: {len(waits)} waits for the GPU in a step: {waits}")
+    print(f"{sft_type}, checkpointing {checkpointing}: waits for the GPU in a step: {waits}")
     assert torch.isfinite(first) and torch.allclose(first, second)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert not waits
+    assert not waits["forward"]
+    # Full fine-tuning trains the embeddings, whose CUDA backward counts its segments on the host: one wait, at
+    # the end of backward (the embedding is the last layer it reaches), where the step's guard waits anyway.
+    assert len(waits["backward"]) <= (1 if sft_type == "full" else 0)

@@ -152,3 +152,17 @@ def test_uint8_tiles_give_the_float_tiles_loss(tiny, sft_dataset, tmp_path):
         a, na, _ = answer_loss_sum(tiny.model, collate([small], pad))
         b, nb, _ = answer_loss_sum(tiny.model, collate([floats], pad))
     assert na == nb and torch.equal(a, b)
+
+
+def test_causal_only_masks_only_where_none_means_causal(tiny, monkeypatch):
+    """The ready-made masks (transformers then skips its own mask building and packed-row search, a wait for the
+    GPU) are given only where a None mask means causal attention: SDPA or flash attention, full-attention layers."""
+    from internvl_worker.train import causal_only_masks
+
+    config = tiny.model.model.language_model.config
+    assert causal_only_masks(tiny.model) == {"full_attention": None}
+    monkeypatch.setattr(config, "_attn_implementation", "eager")
+    assert causal_only_masks(tiny.model) is None  # eager attention takes causality from the mask tensor
+    monkeypatch.setattr(config, "_attn_implementation", "sdpa")
+    monkeypatch.setattr(config, "layer_types", ["full_attention", "sliding_attention"], raising=False)
+    assert causal_only_masks(tiny.model) is None

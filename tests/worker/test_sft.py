@@ -259,3 +259,25 @@ def test_checkpointing_keeps_the_frozen_vision_tower_out_of_backward(tiny, sft_t
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trained and not any("vision_tower" in n for n in trained)
     assert all(p.grad is not None for p in trained.values()), [n for n, p in trained.items() if p.grad is None]
+
+
+def test_one_process_normalises_by_a_host_count(tiny_model_dir, color_data, tmp_path, monkeypatch):
+    """On one process compute_loss gets the batch's answer-token count as a Python int counted on the host (the
+    Trainer's own is a tensor copied to the GPU, which waits for it every step): the labels' count itself."""
+    import internvl_worker.train as train_mod
+
+    make = train_mod.make_trainer_class
+    seen = []
+
+    def factory():
+        class Recording(make()):
+            def compute_loss(self, model, inputs, **kw):
+                seen.append((kw.get("num_items_in_batch"), int((inputs["labels"][:, 1:] != -100).sum())))
+                return super().compute_loss(model, inputs, **kw)
+
+        return Recording
+
+    monkeypatch.setattr(train_mod, "make_trainer_class", factory)
+    train, _ = color_data
+    run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(train), output_dir=str(tmp_path / "o"), max_steps=2, save_steps=100, **FAST))
+    assert len(seen) == 2 and all(type(n) is int and n == counted > 0 for n, counted in seen), seen

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import ipaddress
 import socket
@@ -273,6 +274,16 @@ def normalize_pixels(pixels, device=None):
     import torch
 
     x = (pixels.to(device=device, non_blocking=True).double() * (1 / 255)).float()
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device)[:, None, None]
+    mean, std = _channel_stats(x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_stats(device):
+    """ImageNet's mean and std as [3, 1, 1] float32 tensors on `device`, made once: a tensor built from a list
+    on a GPU is a copy from pageable memory, which waits for the GPU (in every training step, before)."""
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    return mean.to(device), std.to(device)

@@ -209,6 +209,11 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     # falls back to the memory-efficient kernel, 36% of a LoRA step's kernel time (H100, 1B shape, realistic
     # rows: bench/train_profile.py).
     inputs.pop("attention_mask", None)
+    if "position_ids" not in inputs:
+        # Right-padded rows: the causal mask alone, given as the mask transformers would build. Left to build it,
+        # transformers looks for packed rows in the position ids, a test that waits for the GPU once the
+        # vision tower is queued (a packed batch needs that search: there it stays).
+        inputs["attention_mask"] = causal_only_masks(model)
     head = output_head(model)
     loss_fn = linear_ce or plain_linear_cross_entropy
 
@@ -231,11 +236,27 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     return outputs.logits, positions.numel(), outputs
 
 
-def output_head(model) -> torch.nn.Module:
-    """The LM head Linear, through DDP's and DeepSpeed's `.module` and PEFT's wrapper."""
+def causal_only_masks(model) -> dict | None:
+    """The per-layer-type masks transformers' decoder takes for a causal mask with no padding (None: SDPA and
+    flash attention then run causally); None (transformers builds its own) where a layer needs a mask
+    tensor: eager attention, sliding-window layers."""
+    lm = unwrap_peft(unwrap_distributed(model)).model.language_model
+    kinds = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or lm.config._attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+        return None
+    return {"full_attention": None}
+
+
+def unwrap_distributed(model) -> torch.nn.Module:
+    """The model inside DDP's and DeepSpeed's `.module` wrappers."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
-    return model.get_output_embeddings()
+    return model
+
+
+def output_head(model) -> torch.nn.Module:
+    """The LM head Linear, through DDP's and DeepSpeed's `.module` and PEFT's wrapper."""
+    return unwrap_distributed(model).get_output_embeddings()
 
 
 VISION_PREFIXES = ("model.vision_tower", "vision_tower")
@@ -361,9 +382,7 @@ def make_trainer_class():
             record = {"event": kind, "step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0, 4)}
             for key, value in logs.items():
                 if isinstance(value, (int, float)) and key != "total_flos":
-                    if isinstance(value, float):  # a non-finite loss (its steps were skipped) is null: JSON has no NaN
-                        value = round(value, 8) if math.isfinite(value) else None
-                    record[key if key != "learning_rate" else "lr"] = value
+                    record[key if key != "learning_rate" else "lr"] = round(value, 8) if isinstance(value, float) else value
             if record["event"] == "progress":
                 record["samples_per_s"] = round(steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * world / elapsed, 3)
                 record["tokens_per_s"] = round((tr.tokens_seen - self.tokens0) * world / elapsed, 1)
@@ -440,6 +459,15 @@ def make_trainer_class():
                 # there the zero gradient would still let AdamW's momentum move the projector.
                 loss = loss + 0.0 * self._blank_image_features(model).sum()
             return (loss, outputs) if return_outputs else loss
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            """The answer tokens the loss is normalised by. On one process a Python int counted on the host:
+            the Trainer's own count is a CPU tensor copied to the GPU, a copy that waits for the GPU at every
+            step. Across processes the Trainer's gather (the count is global)."""
+            if self.args.world_size > 1:
+                return super()._get_num_items_in_batch(batch_samples, device)
+            n = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
+            return int(n) if torch.is_tensor(n) else n
 
         def _blank_image_features(self, model):
             base = unwrap_peft(self.accelerator.unwrap_model(model))
@@ -783,12 +811,10 @@ def run_sft(args: SftArguments) -> Path:
         save_only_model=False,
         prediction_loss_only=True,
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
-        # No step waits on the GPU for the Trainer's sake: batches are copied from pinned memory without a
-        # wait, and the loss is summed for the log as it comes (its NaN filter reads every step's loss back;
-        # the non-finite guard skips such steps and the progress line shows a null loss).
+        # Batches are copied from pinned memory without waiting for the GPU. (The loss log's NaN filter still
+        # reads each step's loss back, after backward, where the non-finite guard waits anyway.)
         dataloader_pin_memory=on_gpu,
         accelerator_config={"non_blocking": on_gpu},
-        logging_nan_inf_filter=False,
     )
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(
