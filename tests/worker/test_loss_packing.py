@@ -154,15 +154,24 @@ def test_uint8_tiles_give_the_float_tiles_loss(tiny, sft_dataset, tmp_path):
     assert na == nb and torch.equal(a, b)
 
 
-def test_causal_only_masks_only_where_none_means_causal(tiny, monkeypatch):
-    """The ready-made masks (transformers then skips its own mask building and packed-row search, a wait for the
-    GPU) are given only where a None mask means causal attention: SDPA or flash attention, full-attention layers."""
-    from internvl_worker.train import causal_only_masks
+def test_unpacked_rows_skip_the_packed_row_search(tiny, batch_rows, monkeypatch):
+    """A right-padded batch's loss runs without transformers' search for packed rows (the search ends in a wait
+    for the GPU); a packed batch's loss still searches, and so does a forward outside the loss."""
+    from transformers import masking_utils
 
-    config = tiny.model.model.language_model.config
-    assert causal_only_masks(tiny.model) == {"full_attention": None}
-    monkeypatch.setattr(config, "_attn_implementation", "eager")
-    assert causal_only_masks(tiny.model) is None  # eager attention takes causality from the mask tensor
-    monkeypatch.setattr(config, "_attn_implementation", "sdpa")
-    monkeypatch.setattr(config, "layer_types", ["full_attention", "sliding_attention"], raising=False)
-    assert causal_only_masks(tiny.model) is None
+    original, searched = masking_utils.find_packed_sequence_indices, []
+
+    def spy(position_ids):
+        searched.append(tuple(position_ids.shape))
+        return original(position_ids)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", spy)  # the loss's switch wraps the spy
+    padded = collate(batch_rows, tiny.template.tokenizer.pad_token_id)
+    packed = collate(batch_rows, tiny.template.tokenizer.pad_token_id, packing=True)
+    with torch.no_grad():
+        answer_loss_sum(tiny.model, padded)
+        assert searched == []
+        answer_loss_sum(tiny.model, packed)
+        assert searched == [tuple(packed["input_ids"].shape)]
+        tiny.model(input_ids=padded["input_ids"], pixel_values=padded["pixel_values"], use_cache=False)  # no mask: transformers searches
+    assert len(searched) == 2

@@ -16,6 +16,8 @@ autocast, a frozen vision tower in plain bf16, and image placeholders found with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import inspect
 import logging
@@ -408,6 +410,35 @@ def image_placeholders_without_sync(model) -> bool:
 
     inner.get_placeholder_mask = get_placeholder_mask
     return True
+
+
+_ROWS_NOT_PACKED: contextvars.ContextVar[bool] = contextvars.ContextVar("rows_not_packed", default=False)
+
+
+@contextlib.contextmanager
+def rows_not_packed():
+    """Within: transformers takes a batch's rows as not packed without looking for position-id restarts.
+
+    Given no attention mask (training passes none: padding is on the right) transformers' decoders search
+    the position ids for packed rows, and the search ends in a test of a GPU tensor: the host waits there for
+    the vision tower's kernels, and then launches the language model with nothing queued. Where the caller
+    knows the rows are not packed (it passed no position ids: transformers makes them 0..n-1 for every row),
+    the search's answer is known: no packed rows. Outside this context transformers' search runs as it is."""
+    from transformers import masking_utils
+
+    search = masking_utils.find_packed_sequence_indices
+    if not getattr(search, "_skips_when_not_packed", False):
+
+        def find_packed_sequence_indices(position_ids):
+            return None if _ROWS_NOT_PACKED.get() else search(position_ids)
+
+        find_packed_sequence_indices._skips_when_not_packed = True
+        masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
+    token = _ROWS_NOT_PACKED.set(True)
+    try:
+        yield
+    finally:
+        _ROWS_NOT_PACKED.reset(token)
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):

@@ -35,7 +35,7 @@ from .images import load_image, pixels_on_device
 from .modeling import load_model, torch_dtype
 from .registry import META_FILE, write_meta
 from .sft_args import DEEPSPEED_PRESETS, SftArguments
-from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, frozen_vision_without_autocast, fuse_lora_updates, image_placeholders_without_sync, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
+from .speedups import LinearCrossEntropy, OffloadActivations, compile_decoder_layers, frozen_vision_without_autocast, fuse_lora_updates, image_placeholders_without_sync, rows_not_packed, language_model, liger_unavailable, plain_linear_cross_entropy, setup_liger, skip_adapter_input_casts, unwrap_peft
 from .templates import IGNORE_INDEX, PromptTooLong, TemplateError
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,6 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     # falls back to the memory-efficient kernel, 36% of a LoRA step's kernel time (H100, 1B shape, realistic
     # rows: bench/train_profile.py).
     inputs.pop("attention_mask", None)
-    if "position_ids" not in inputs:
-        # Right-padded rows: the causal mask alone, given as the mask transformers would build. Left to build it,
-        # transformers looks for packed rows in the position ids, a test that waits for the GPU once the
-        # vision tower is queued (a packed batch needs that search: there it stays).
-        inputs["attention_mask"] = causal_only_masks(model)
     head = output_head(model)
     loss_fn = linear_ce or plain_linear_cross_entropy
 
@@ -224,27 +219,20 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
 
     own_forward = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook), if any
     head.forward = head_loss
+    # Right-padded rows (no position ids given) are not packed: transformers need not search the position ids it
+    # makes for restarts, a test that waits for the GPU once the vision tower is queued.
+    unpacked = rows_not_packed() if "position_ids" not in inputs else contextlib.nullcontext()
     try:
         # use_cache=False also matters for packing: transformers reads position-id restarts as row
         # boundaries only when no KV cache is being built.
-        outputs = model(**inputs, logits_to_keep=0, use_cache=False)
+        with unpacked:
+            outputs = model(**inputs, logits_to_keep=0, use_cache=False)
     finally:
         if own_forward is None:
             del head.forward  # the class's forward again
         else:
             head.forward = own_forward
     return outputs.logits, positions.numel(), outputs
-
-
-def causal_only_masks(model) -> dict | None:
-    """The per-layer-type masks transformers' decoder takes for a causal mask with no padding (None: SDPA and
-    flash attention then run causally); None (transformers builds its own) where a layer needs a mask
-    tensor: eager attention, sliding-window layers."""
-    lm = unwrap_peft(unwrap_distributed(model)).model.language_model
-    kinds = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or lm.config._attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3"):
-        return None
-    return {"full_attention": None}
 
 
 def unwrap_distributed(model) -> torch.nn.Module:
