@@ -1,7 +1,9 @@
 """Functional GPU check of `internvl sft` on the InternVL3-1B layout (random weights): LoRA, full and ZeRO-2
-full on one GPU, DDP LoRA and ZeRO-2 full on two, and the two-GPU / one-GPU samples/s ratios (scaling). Records loss (first/last), samples/s, real tokens/s and peak memory.
+full on one GPU, DDP LoRA and ZeRO-2 full on two and on four (where the machine has them), and the n-GPU /
+one-GPU samples/s ratios (scaling). Records loss (first/last), samples/s, real tokens/s and peak memory.
 
     python bench/train_check.py --steps 30 --out /tmp/train-check      # on the device machine
+    python bench/train_check.py --data realistic --workers 6 --only lora-1gpu,lora-ddp-2gpu,full-zero2-1gpu,full-zero2-2gpu
 
 This is the fine-tuning issue's record (the recipes run and learn on a real shape), not the speed
 benchmark: bench/train_bench.py compares against the naive baseline in the same run.
@@ -47,6 +49,7 @@ def main() -> int:
     ap.add_argument("--results_dir", default="", help="where the record goes (default: --out)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (sft's default: 2); give one GPU as many as the scaling runs' ranks have in all, or the loader, not the GPU, may set its pace")
     ap.add_argument("--what", default="check", help="names the record train-<what>-<card>-<date>.json (default: check)")
+    ap.add_argument("--data", choices=["color", "realistic"], default="color", help="synthetic color rows of 1-4 tiles (default), or train_bench's realistic rows (0-2 images of 1-13 tiles, answers of 10-400 words)")
     args = ap.parse_args()
     out = Path(args.out)
     model_dir, data_dir = out / "model-1b", out / "data"
@@ -55,7 +58,12 @@ def main() -> int:
 
     if not (model_dir / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "internvl_worker", "tiny", "--shape", "internvl3-1b", "--output_dir", str(model_dir)], check=True)
-    data = color_dataset(data_dir, args.rows, seed=0)
+    if args.data == "realistic":
+        import train_bench
+
+        data = train_bench.make_dataset(out / "data-realistic", args.rows, seed=0)
+    else:
+        data = color_dataset(data_dir, args.rows, seed=0)
     import torch
 
     gpus = torch.cuda.device_count()
@@ -68,6 +76,8 @@ def main() -> int:
         "full-zero2-1gpu": (1, ["--sft_type", "full", "--learning_rate", "1e-5", "--deepspeed", "default-zero2"]),
         "lora-ddp-2gpu": (2, ["--sft_type", "lora", "--learning_rate", "1e-4"]),
         "full-zero2-2gpu": (2, ["--sft_type", "full", "--learning_rate", "1e-5", "--deepspeed", "default-zero2"]),
+        "lora-ddp-4gpu": (4, ["--sft_type", "lora", "--learning_rate", "1e-4"]),
+        "full-zero2-4gpu": (4, ["--sft_type", "full", "--learning_rate", "1e-5", "--deepspeed", "default-zero2"]),
     }
     wanted = set(filter(None, args.only.split(",")))
     results = {}
@@ -85,12 +95,13 @@ def main() -> int:
             continue
         results[name] = {"gpus": nproc, "wall_s": round(time.time() - t0, 1), **summarize(out / name)}
         print(name, json.dumps(results[name]), flush=True)
-    config = {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} synthetic color rows, 1-4 tiles of 448 px", "batch_size": args.batch_size, "steps": args.steps,
+    rows_are = "synthetic color rows, 1-4 tiles of 448 px" if args.data == "color" else "train_bench's realistic rows (seed 0): 0-2 images of 1-13 tiles, answers of 10-400 words"
+    config = {"model": "InternVL3-1B layout, random weights, bf16", "data": f"{args.rows} {rows_are}", "batch_size": args.batch_size, "steps": args.steps,
               "attention": "sdpa", "gradient_checkpointing": "internvl sft's default (auto)", "dataloader_workers_per_rank": args.workers}  # fmt: skip
-    # Scaling: samples/s on two GPUs over one, the same method, settings and per-GPU batch (1.0 = no gain).
-    ratios = {f"{two}_vs_{one}": round(results[two]["samples_per_s"] / results[one]["samples_per_s"], 3)
-              for two, one in (("lora-ddp-2gpu", "lora-1gpu"), ("full-zero2-2gpu", "full-zero2-1gpu"), ("full-zero2-2gpu", "full-1gpu"))
-              if "samples_per_s" in results.get(two, {}) and "samples_per_s" in results.get(one, {})}  # fmt: skip
+    # Scaling: samples/s on n GPUs over one, the same method, settings and per-GPU batch (n = perfect scaling).
+    pairs = [(f"lora-ddp-{n}gpu", "lora-1gpu") for n in (2, 4)] + [(f"full-zero2-{n}gpu", one) for n in (2, 4) for one in ("full-zero2-1gpu", "full-1gpu")]
+    ratios = {f"{many}_vs_{one}": round(results[many]["samples_per_s"] / results[one]["samples_per_s"], 3)
+              for many, one in pairs if "samples_per_s" in results.get(many, {}) and "samples_per_s" in results.get(one, {})}  # fmt: skip
     path = write_record(args.results_dir or out, "train", args.what, config=config, baselines={}, ours=results, ratios=ratios)
     print("wrote", path)
     return 0 if all("error" not in r for r in results.values()) else 1

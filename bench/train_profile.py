@@ -359,8 +359,8 @@ def sync_sites(step) -> list[dict]:
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return
-        frames = [f"{_short_frame(f.filename)}:{f.lineno}" for f in traceback.extract_stack()[:-1]]
-        ours = [f for f in frames if not f.startswith(("torch/", "warnings"))]
+        frames = [f"{_short_frame(f.filename)}:{f.lineno}" for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        ours = [f for f in frames if not f.startswith("torch/")]
         where = ours[-1] if ours else frames[-1]
         sites[where if where == frames[-1] else f"{where} in {frames[-1]}"] += 1
 
@@ -369,7 +369,10 @@ def sync_sites(step) -> list[dict]:
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step()
+            # backward on this thread: a wait there is seen with its stack (autograd's device threads would
+            # hand their warnings over at the end of backward, stack lost)
+            with torch.autograd.set_multithreading_enabled(False):
+                step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [{"where": where, "count": n} for where, n in sites.most_common()]
