@@ -109,7 +109,7 @@ def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert not waits["forward"]
     # At most one wait in backward, where the host has queued all but the end of it and keeps its lead (a wait
-    # in the forward would cost the vision tower's). Seen on H100 and H200: full fine-tuning's embedding
-    # gradient (CUDA's embedding backward counts its segments on the host), and one in LoRA's backward without
+    # in the forward would cost the vision tower's). Seen: full fine-tuning's embedding gradient on the 1B shape
+    # (CUDA's embedding backward counts its segments on the host), and one in LoRA's backward without
     # checkpointing (printed above).
     assert len(waits["backward"]) <= 1
