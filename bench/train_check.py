@@ -42,7 +42,7 @@ def summarize(run_dir: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=0, help="rows in the data set (default: steps x batch size x 4, one epoch on four GPUs: an epoch's end restarts the loader workers, a stall that a one-GPU run of the same steps would not have)")
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--out", default="/tmp/train-check")
     ap.add_argument("--only", default="", help="comma-separated config names to run")
@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--what", default="check", help="names the record train-<what>-<card>-<date>.json (default: check)")
     ap.add_argument("--data", choices=["color", "realistic"], default="color", help="synthetic color rows of 1-4 tiles (default), or train_bench's realistic rows (0-2 images of 1-13 tiles, answers of 10-400 words)")
     args = ap.parse_args()
+    args.rows = args.rows or args.steps * args.batch_size * 4
     out = Path(args.out)
     model_dir, data_dir = out / "model-1b", out / "data"
     sys.path.insert(0, str(ROOT / "tests" / "worker"))

@@ -52,7 +52,7 @@ def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_
     """The trainer's loss and backward (prepare_model's model: Liger's kernels and fused loss, the fused LoRA
     layer, the frozen vision tower in bf16) on a collated batch copied without a wait: no call in the forward
     makes the host wait for the GPU (CUDA's sync debug mode), so the host keeps its lead through the vision
-    tower's kernels; at most one in backward."""
+    tower's kernels; none in LoRA's backward, at most one (the embedding's) in full fine-tuning's."""
     import traceback
     import warnings
 
@@ -88,7 +88,7 @@ def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_
 
     first = step()  # kernels compiled, caches built
     torch.cuda.synchronize()
-    waits = {"forward": [], "backward": []}
+    waits = {"setup": [], "forward": [], "backward": []}
 
     def record(message, *args, **kwargs):  # where a wait came from: the Python stack, torch's own frames left out
         if "synchroniz" in str(message):
@@ -98,6 +98,7 @@ def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = record
+        phase[0] = "setup"  # turning the mode on reports one wait of its own, the first time in a process
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with torch.autograd.set_multithreading_enabled(False):  # backward's waits seen with their stack
@@ -108,8 +109,7 @@ def test_training_step_never_waits_for_the_gpu(tiny_model_dir, sft_dataset, tmp_
     assert torch.isfinite(first) and torch.allclose(first, second)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert not waits["forward"]
-    # At most one wait in backward, where the host has queued all but the end of it and keeps its lead (a wait
-    # in the forward would cost the vision tower's). Seen: full fine-tuning's embedding gradient on the 1B shape
-    # (CUDA's embedding backward counts its segments on the host), and one in LoRA's backward without
-    # checkpointing (printed above).
-    assert len(waits["backward"]) <= 1
+    # Full fine-tuning trains the embeddings, whose CUDA backward counts its segments on the host: one wait, at
+    # the end of backward (the embedding is the last layer it reaches), where the step's guard waits anyway
+    # (seen on the 1B shape).
+    assert len(waits["backward"]) <= (1 if sft_type == "full" else 0)
