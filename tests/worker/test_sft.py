@@ -281,3 +281,24 @@ def test_one_process_normalises_by_a_host_count(tiny_model_dir, color_data, tmp_
     train, _ = color_data
     run_sft(SftArguments(model_id_or_path=str(tiny_model_dir), dataset=str(train), output_dir=str(tmp_path / "o"), max_steps=2, save_steps=100, **FAST))
     assert len(seen) == 2 and all(type(n) is int and n == counted > 0 for n, counted in seen), seen
+
+
+def test_one_process_never_splits_batches_over_gpus(caplog):
+    """Several GPUs visible to one process: the Trainer must not use nn.DataParallel (it would split a batch's
+    tiles and answer positions apart from their rows); one GPU, and a hint to use NPROC_PER_NODE."""
+    from internvl_worker.train import one_gpu_per_process
+
+    class Args:
+        _n_gpu = 4
+
+        @property
+        def n_gpu(self):
+            return self._n_gpu
+
+    args = Args()
+    with caplog.at_level("WARNING"):
+        one_gpu_per_process(args)
+    assert args.n_gpu == 1 and "NPROC_PER_NODE=4" in caplog.text
+    caplog.clear()
+    one_gpu_per_process(args)  # one GPU (or none): nothing to say
+    assert args.n_gpu == 1 and not caplog.text

@@ -645,6 +645,16 @@ def frozen_gc():
         gc.unfreeze()
 
 
+def one_gpu_per_process(training_args) -> None:
+    """One process trains on one GPU. With several GPUs visible and no torchrun the Trainer would wrap the model
+    in nn.DataParallel, which splits each batch's tensors along their first dimension on its own: a row's image
+    tiles (concatenated over the batch) and its answer positions would land on other GPUs than its tokens."""
+    n = training_args.n_gpu
+    if n > 1:
+        log.warning("%d GPUs visible to one process: training on the first only; NPROC_PER_NODE=%d internvl sft ... trains on all of them (DDP)", n, n)
+        training_args._n_gpu = 1
+
+
 def prepare_model(model, args: SftArguments, spec, *, on_gpu: bool, world: int = 1) -> PreparedModel:
     """Everything run_sft does to a loaded model before the Trainer gets it (bench/train_profile.py calls it
     too, so a profile times the step that trains): Liger's kernels, LoRA or freezing, gradient checkpointing,
@@ -804,6 +814,7 @@ def run_sft(args: SftArguments) -> Path:
         dataloader_pin_memory=on_gpu,
         accelerator_config={"non_blocking": on_gpu},
     )
+    one_gpu_per_process(training_args)
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(
         model=model,
