@@ -297,7 +297,7 @@ def run_naive(prep: dict, args) -> dict:
                               gradient_checkpointing=True, bf16=on_gpu, use_cpu=not on_gpu, logging_steps=1, save_strategy="no", report_to=[],
                               remove_unused_columns=False, disable_tqdm=True, seed=0)  # fmt: skip
     pad = loaded.template.tokenizer.pad_token_id
-    Trainer(model=model, args=targs, train_dataset=SftDataset(rows, loaded.template, [0] * len(rows)), data_collator=lambda b: collate(b, pad), callbacks=[Timer()]).train()
+    Trainer(model=model, args=targs, train_dataset=SftDataset(rows, loaded.template, [0] * len(rows)), data_collator=lambda b: {k: v for k, v in collate(b, pad).items() if not k.startswith("answer_")}, callbacks=[Timer()]).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"step_s": round((times[-1] - times[args.warmup - 1]) / (len(times) - args.warmup), 3), "loss_last": round(losses[-1], 4), "trainable_params": trainable, **gpu_peaks()}
 

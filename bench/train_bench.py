@@ -267,7 +267,7 @@ def run_naive(model_dir: Path, data: Path, *, full: bool, steps: int, batch: int
     def collate_and_count(b):
         out = collate(b, loaded.template.tokenizer.pad_token_id)
         batch_tokens.append(int(out["attention_mask"].sum()))
-        return out
+        return {k: v for k, v in out.items() if not k.startswith("answer_")}  # the model's own inputs only (ours finds answers in collate)
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
