@@ -167,7 +167,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     What Liger's fused function does, less its two waits on the GPU (the count of targets read back in the
     forward, the output gradient compared with 1.0 in backward): the targets are the answer tokens that
     answer_loss_sum picked, so none is ignored and the summed loss needs no count. The host then never waits
-    inside a training step's loss, and a LoRA step, bound by its host, keeps its lead on the GPU."""
+    inside a training step's loss (see answer_loss_sum on what that is worth)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, dtype, kernel):
@@ -272,9 +272,9 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     DoRA, a bias on B, or mixed dtypes that only autocast would reconcile).
 
     PEFT's state is read from plain attributes and the module dicts, not through its properties and
-    nn.Module's __getattr__ (the fallback for submodules): the LoRA step is bound by the host, and this
-    dispatch runs once per adapted layer (168 a forward on the 1B shape); it took 50 us of its own before
-    (bench/lora_host_probe.py)."""
+    nn.Module's __getattr__ (the fallback for submodules): this dispatch runs once per adapted layer (168 a
+    forward on the 1B shape), and took 50 us of its own before (bench/lora_host_probe.py), when the LoRA
+    step was bound by its host."""
     modules = self._modules
     name = self._active_adapter  # plain attributes (the instance's or PEFT's class defaults): no __getattr__
     if type(name) is not str:  # a list: one active adapter only
@@ -393,8 +393,8 @@ def image_placeholders_without_sync(model) -> bool:
 
     transformers checks there that the batch has as many image tokens as the vision tower gave features, a
     comparison of a GPU count that waits for the vision tower to finish: the host then starts the language
-    model with nothing queued, and a LoRA step, bound by its host, lost the lead that the vision tower's long
-    kernels had given it (bench/train_profile.py, sync sites). SftDataset checks the same equality on the
+    model with nothing queued, and loses the lead that the vision tower's long kernels had given it
+    (bench/train_profile.py --sync_sites). SftDataset checks the same equality on the
     host for every row (its token count from the tiles it made), and masked_scatter still checks on the
     device that no image token lacks a feature."""
     inner = unwrap_peft(model).model

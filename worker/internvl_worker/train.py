@@ -194,9 +194,10 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     the Trainer's autocast, inside DDP's forward, and with the head's weight gathered under ZeRO-3.
 
     Nothing here waits for the GPU when the batch comes from collate(): the answer positions and targets
-    were found on the host (`answer_positions`, `answer_targets`), and the count is their length. A
-    training step whose host never waits keeps ahead of the GPU through the vision tower's long kernels,
-    which the LoRA step (bound by its host) needs (bench/train_profile.py, sync sites)."""
+    were found on the host (`answer_positions`, `answer_targets`), and the count is their length. The host
+    then keeps the lead that the vision tower's long kernels give it, which matters where the host is the
+    slower side; on an H100 at the 1B shape the step is bound by the GPU and measured the same either way
+    (bench/README.md, session 7)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     positions, answer_targets = inputs.pop("answer_positions", None), inputs.pop("answer_targets", None)
@@ -422,7 +423,10 @@ def make_trainer_class():
             training = model.training and torch.is_grad_enabled()
             if self.checkpoint_plan is not None and training:
                 plan, pixels = self.checkpoint_plan, inputs.get("pixel_values")
-                answers = inputs["answer_positions"].numel() if "answer_positions" in inputs else int((inputs["labels"] != IGNORE_INDEX).sum())
+                if "answer_positions" in inputs:  # from collate(): counted on the host
+                    answers = inputs["answer_positions"].numel()
+                else:  # counting on the GPU waits for it: only where the plan reserves room for the answers' logits
+                    answers = int((inputs["labels"] != IGNORE_INDEX).sum()) if plan.reserve_per_answer_token else 0
                 plan.apply(inputs["input_ids"].numel(), answers, 0 if pixels is None else pixels.shape[0])
             if self.offload_activations and training:
                 # The forward only: backward (Trainer.training_step, after this returns) copies them back.
