@@ -236,16 +236,11 @@ def answer_loss_sum(model, inputs: dict, linear_ce: LinearCrossEntropy | None = 
     return outputs.logits, positions.numel(), outputs
 
 
-def unwrap_distributed(model) -> torch.nn.Module:
-    """The model inside DDP's and DeepSpeed's `.module` wrappers."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
-
-
 def output_head(model) -> torch.nn.Module:
     """The LM head Linear, through DDP's and DeepSpeed's `.module` and PEFT's wrapper."""
-    return unwrap_distributed(model).get_output_embeddings()
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_output_embeddings()
 
 
 VISION_PREFIXES = ("model.vision_tower", "vision_tower")
