@@ -34,7 +34,7 @@ under bf16 autocast (the Trainer's bf16=True); fp32 without autocast on a CPU. D
    length, so consecutive batches are not representative).
 3. `--sync_sites`: one more step of each config in CUDA's sync debug mode: each call that made the host wait
    for the GPU, by its Python caller. A step whose host waits loses the lead that the vision tower's long
-   kernels give it, which a LoRA step (bound by its host) needs.
+   kernels give it, which matters where the host is the slower side.
 4. `--kernels`: one more step of each `--kernels_config` under torch.profiler (with Python stacks): the top 25
    CUDA kernels by total time, the kernel time by kind (GEMM, attention, elementwise, ...), and where the GPU
    waited (`gpu_idle`): the time no kernel ran, each gap charged to the code that launched the kernel after it
@@ -355,9 +355,10 @@ def sync_sites(step) -> list[dict]:
     import torch
 
     sites: Counter = Counter()
+    counting = [False]  # turning the mode on reports one wait of its own, the first time in a process: not the step's
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
+        if not counting[0] or "synchroniz" not in str(message):
             return
         frames = [f"{_short_frame(f.filename)}:{f.lineno}" for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
         ours = [f for f in frames if not f.startswith("torch/")]
@@ -368,6 +369,7 @@ def sync_sites(step) -> list[dict]:
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        counting[0] = True
         try:
             # backward on this thread: a wait there is seen with its stack (autograd's device threads would
             # hand their warnings over at the end of backward, stack lost)

@@ -66,3 +66,28 @@ def test_lora_host_probe_writes_both_settings(bench_path, tmp_path, monkeypatch)
     for key in keys:
         peft, ours = record["baselines"][key]["host_us_per_layer"], record["ours"][key]["host_us_per_layer"]
         assert peft > 0 and ours > 0 and record["ratios"][key] == round(peft / ours, 3)
+
+
+def test_sync_sites_count_the_steps_waits_by_caller(profile_mod, monkeypatch):
+    """Each wait the step makes is counted once, under its caller; the one that turning the debug mode on reports
+    is not the step's. (CUDA's debug mode stood in for by warnings with its message.)"""
+    import warnings
+
+    import torch
+
+    def set_mode(mode):
+        if mode == "warn":
+            warnings.warn("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+
+    def wait():
+        warnings.warn("called a synchronizing CUDA operation")
+
+    def step():
+        wait()
+        wait()
+        warnings.warn("something else")
+
+    sites = profile_mod.sync_sites(step)
+    assert len(sites) == 1 and sites[0]["count"] == 2 and "test_train_profile.py" in sites[0]["where"], sites
